@@ -1,1 +1,17 @@
-//! placeholder
+//! The Lifeboat agent: finds the changed blocks of a source server's volumes and
+//! replicates them to the receiver over QUIC with mutual TLS.
+//!
+//! - [`volume`]: the source volume, a file or block device opened read-only.
+//! - [`scan`]: the hot path: read, hash, compare with a reference, compress.
+//! - [`state`]: the agent's persisted hash index.
+//! - [`transport`]: the QUIC connection, control and data streams.
+//! - [`sync`]: one replication pass, tying them together.
+#![deny(unsafe_code)]
+
+pub mod progress;
+pub mod scan;
+pub mod state;
+pub mod sync;
+pub mod tls;
+pub mod transport;
+pub mod volume;

@@ -7,10 +7,28 @@
 //! sessions can be simulated in unit tests. `agent` and `receiver` are the drivers.
 #![forbid(unsafe_code)]
 
+pub mod block;
 pub mod bundle;
+pub mod codec;
+pub mod frame;
 pub mod geometry;
+pub mod hash;
+pub mod index;
 pub mod names;
+pub mod session;
 
 pub use bundle::Bundle;
 pub use geometry::{BlockIndex, BlockSize, VolumeGeometry};
 pub use names::{ServerName, VolumeName};
+
+pub use block::{BlockDecodeError, BlockDecoder, BlockEncoder, Encoding, DEFAULT_ZSTD_LEVEL};
+pub use codec::{check, encode, parse, FrameDecoder, FrameError};
+pub use frame::{
+    BlockFrame, BlockRange, Frame, Hello, Reject, RejectCode, Welcome, ALPN, HELLO_FLAG_RESIZE,
+    MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+pub use hash::{is_all_zero, zero_hash, BlockHash};
+pub use session::{
+    AgentEvent, AgentSession, ReceiverEvent, ReceiverSession, SessionError, SessionState,
+    HANDSHAKE_TIMEOUT,
+};

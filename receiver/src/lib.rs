@@ -1,1 +1,9 @@
-//! placeholder
+//! The Lifeboat receiver: its own CA and enrollment, configuration, and the durable state behind staging volumes.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod fsutil;
+pub mod pki;
+pub mod replica;
+pub mod server;
+pub mod staging;

@@ -1,1 +1,434 @@
-fn main() {}
+//! `lifeboat-receiver`: create a receiver, enroll source servers, serve agents.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use lifeboat_protocol::bundle::BUNDLE_FORMAT_V1;
+use lifeboat_protocol::{Bundle, ServerName};
+use lifeboat_receiver::config::{split_host_port, ReceiverConfig};
+use lifeboat_receiver::fsutil;
+use lifeboat_receiver::pki::Pki;
+
+/// Lifeboat receiver: accepts block-level replication from Lifeboat agents into
+/// crash-consistent staging volumes in the recovery region.
+///
+/// All state lives in one directory (`--dir`): `receiver.toml`, the receiver's
+/// own certificate authority under `pki/`, and the staging volumes.
+#[derive(Parser, Debug)]
+#[command(name = "lifeboat-receiver", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a receiver: its directory, certificate authority, receiver
+    /// certificate and receiver.toml. Refuses to touch an existing receiver.
+    Init(InitArgs),
+    /// Enroll a source server: issue it a client certificate and write the one
+    /// bundle file its agent needs.
+    Enroll(EnrollArgs),
+    /// Accept agents and apply their blocks to staging volumes.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// Receiver directory to create (mode 0700).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Address `serve` binds (UDP), e.g. 0.0.0.0:7443.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Extra name for the receiver certificate: an IP address or DNS name
+    /// (repeatable). localhost, 127.0.0.1 and ::1 are always included.
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+    /// Address agents connect to, written into bundles [default: --listen].
+    /// Required when --listen is a wildcard address or port 0. Its host is added
+    /// to the receiver certificate and becomes tls_name.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct EnrollArgs {
+    /// Receiver directory (made by `init`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Name of the source server (letters, digits, '.', '_', '-'); it becomes the
+    /// certificate's CN, which is how the receiver identifies the agent.
+    #[arg(long, value_name = "NAME")]
+    server: ServerName,
+    /// Where to write the bundle (mode 0600: it holds a private key).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Receiver directory (made by `init`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Bind here instead of receiver.toml's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Init(args) => init(&args),
+        Command::Enroll(args) => enroll(&args),
+        Command::Serve(args) => serve(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `init`: everything is checked before anything is written; the PKI appears
+/// atomically, then receiver.toml (refusing to overwrite).
+fn init(args: &InitArgs) -> anyhow::Result<()> {
+    let dir = &args.dir;
+    for existing in [ReceiverConfig::path(dir), dir.join("pki")] {
+        if existing.symlink_metadata().is_ok() {
+            bail!(
+                "{} already exists: {} already holds a receiver (refusing to overwrite it)",
+                existing.display(),
+                dir.display()
+            );
+        }
+    }
+
+    let mut config = ReceiverConfig::new(args.listen);
+    match &args.advertise {
+        Some(a) => config.advertise = a.clone(),
+        None if args.listen.ip().is_unspecified() => bail!(
+            "--listen {} is a wildcard address agents cannot connect to; \
+             pass --advertise HOST:PORT with the address they should use",
+            args.listen
+        ),
+        None if args.listen.port() == 0 => bail!(
+            "--listen {} has port 0, which agents cannot connect to; \
+             pass a fixed port or --advertise HOST:PORT",
+            args.listen
+        ),
+        None => {}
+    }
+    let (host, _) = split_host_port(&config.advertise).with_context(|| {
+        format!(
+            "--advertise {:?} is not HOST:PORT (write IPv6 as [addr]:port)",
+            config.advertise
+        )
+    })?;
+    // The advertised host goes into the certificate, so agents can verify the
+    // receiver under the very name they connect to.
+    config.tls_name = host.to_string();
+    let mut sans = args.sans.clone();
+    sans.push(host.to_string());
+    config
+        .validate(dir)
+        .context("the receiver configuration would be invalid")?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot stat {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format_args!("{:o}", mode & 0o777),
+            "receiver directory is accessible to other users; consider chmod 700"
+        );
+    }
+
+    let pki = Pki::create(dir, &sans)?;
+    config.save_new(dir)?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    fsutil::fsync_dir(parent.unwrap_or(Path::new(".")))?;
+
+    let names = pki.server_names()?.join(", ");
+    let d = dir.display();
+    println!("Created Lifeboat receiver in {d}:");
+    println!(
+        "  {d}/receiver.toml    listen {}, advertise {}, tls_name {}",
+        config.listen, config.advertise, config.tls_name
+    );
+    println!("  {d}/pki/ca.pem       receiver CA certificate");
+    println!("  {d}/pki/ca.key       CA private key (0600; whoever holds it can enroll servers)");
+    println!("  {d}/pki/server.pem   receiver certificate for: {names}");
+    println!("  {d}/pki/server.key   its private key (0600)");
+    println!();
+    println!("Next, enroll each source server:");
+    println!("  lifeboat-receiver enroll --dir {d} --server NAME --out NAME.bundle");
+    Ok(())
+}
+
+/// `tls_name` in the form `Pki::server_names` lists names.
+fn normalize_name(name: &str) -> String {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => name.to_ascii_lowercase(),
+    }
+}
+
+/// `enroll`: nothing is issued unless the bundle can be written.
+fn enroll(args: &EnrollArgs) -> anyhow::Result<()> {
+    let dir = &args.dir;
+    let out = &args.out;
+    let config = ReceiverConfig::load(dir)?;
+    let pki = Pki::open(dir)?;
+
+    if !args.force && out.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            out.display()
+        );
+    }
+    let names = pki.server_names()?;
+    if !names.contains(&normalize_name(&config.tls_name)) {
+        bail!(
+            "tls_name {:?} in {} is not a name of the receiver certificate {} ({}); \
+             agents would reject the receiver",
+            config.tls_name,
+            ReceiverConfig::path(dir).display(),
+            pki.server_pem_path().display(),
+            names.join(", ")
+        );
+    }
+
+    let server = &args.server;
+    let re_enrolled = pki.issued_path(server).exists();
+    let issued = pki.issue_client(server)?;
+    let bundle = Bundle {
+        format: BUNDLE_FORMAT_V1.to_string(),
+        server: server.clone(),
+        receiver: config.advertise.clone(),
+        tls_name: config.tls_name.clone(),
+        ca_cert: pki.ca_cert_pem()?,
+        client_cert: issued.cert_pem,
+        client_key: issued.key_pem,
+    };
+    let text = bundle.to_toml();
+    Bundle::from_toml(&text).context("internal error: the new bundle does not parse")?;
+
+    let written = if args.force {
+        fsutil::write_atomic(out, text.as_bytes(), 0o600)
+    } else {
+        fsutil::create_new_private(out, text.as_bytes())
+    };
+    written.with_context(|| format!("cannot write the bundle to {}", out.display()))?;
+
+    if re_enrolled {
+        eprintln!(
+            "note: {server} was enrolled before; its earlier certificate stays valid until it \
+             expires (Lifeboat has no revocation yet)"
+        );
+    }
+    println!(
+        "Wrote the enrollment bundle for {server} to {} (mode 0600: it holds {server}'s private key).",
+        out.display()
+    );
+    println!("Agents will connect to {}.", config.advertise);
+    println!("Copy it to {server} only, then run there:");
+    println!(
+        "  lifeboat-agent sync --bundle {} --volume /dev/DEVICE --name VOLUME",
+        out.display()
+    );
+    Ok(())
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(lifeboat_receiver::server::serve(&args.dir, args.listen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::fs;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "lifeboat-receiver",
+            "--log-format",
+            "json",
+            "init",
+            "--dir",
+            "/tmp/x",
+            "--listen",
+            "0.0.0.0:7443",
+            "--san",
+            "a.example",
+            "--san",
+            "10.0.0.1",
+        ])
+        .unwrap();
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        assert!(matches!(cli.command, Command::Init(InitArgs { ref sans, .. }) if sans.len() == 2));
+        // A bad server name is a usage error, before any work.
+        assert!(Cli::try_parse_from([
+            "lifeboat-receiver",
+            "enroll",
+            "--dir",
+            "d",
+            "--server",
+            "../etc",
+            "--out",
+            "x",
+        ])
+        .is_err());
+    }
+
+    fn init_args(dir: &Path) -> InitArgs {
+        InitArgs {
+            dir: dir.to_path_buf(),
+            listen: "127.0.0.1:7443".parse().unwrap(),
+            sans: vec![],
+            advertise: None,
+        }
+    }
+
+    fn enroll_args(dir: &Path, server: &str, out: &Path, force: bool) -> EnrollArgs {
+        EnrollArgs {
+            dir: dir.to_path_buf(),
+            server: ServerName::new(server).unwrap(),
+            out: out.to_path_buf(),
+            force,
+        }
+    }
+
+    #[test]
+    fn init_creates_a_receiver_and_refuses_to_overwrite_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("recv");
+        init(&init_args(&dir)).unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let config = ReceiverConfig::load(&dir).unwrap();
+        assert_eq!(config.advertise, "127.0.0.1:7443");
+        assert_eq!(config.tls_name, "127.0.0.1");
+        let before = fs::read(dir.join("pki/ca.pem")).unwrap();
+
+        let e = format!("{:#}", init(&init_args(&dir)).unwrap_err());
+        assert!(e.contains("already exists"), "{e}");
+        // Only the PKI left (config removed): still refused, CA untouched.
+        fs::remove_file(dir.join("receiver.toml")).unwrap();
+        let e = format!("{:#}", init(&init_args(&dir)).unwrap_err());
+        assert!(e.contains("pki"), "{e}");
+        assert_eq!(fs::read(dir.join("pki/ca.pem")).unwrap(), before);
+    }
+
+    #[test]
+    fn init_needs_a_reachable_advertise_address() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("recv");
+        let mut args = init_args(&dir);
+        args.listen = "0.0.0.0:7443".parse().unwrap();
+        let e = format!("{:#}", init(&args).unwrap_err());
+        assert!(e.contains("--advertise"), "{e}");
+        assert!(!dir.exists(), "nothing is created on a usage error");
+
+        args.advertise = Some("DR.example.com:7443".into());
+        init(&args).unwrap();
+        let config = ReceiverConfig::load(&dir).unwrap();
+        assert_eq!(config.tls_name, "DR.example.com");
+        let pki = Pki::open(&dir).unwrap();
+        assert!(pki
+            .server_names()
+            .unwrap()
+            .contains(&"dr.example.com".into()));
+    }
+
+    #[test]
+    fn enroll_writes_a_private_bundle_and_refuses_to_overwrite_without_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("recv");
+        init(&init_args(&dir)).unwrap();
+        let out = tmp.path().join("web-1.bundle");
+
+        enroll(&enroll_args(&dir, "web-1", &out, false)).unwrap();
+        let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let first = fs::read_to_string(&out).unwrap();
+        let bundle = Bundle::from_toml(&first).unwrap();
+        assert_eq!(bundle.server.as_str(), "web-1");
+        assert_eq!(bundle.receiver, "127.0.0.1:7443");
+        assert_eq!(bundle.tls_name, "127.0.0.1");
+        lifeboat_agent::tls::client_tls_config(&bundle).unwrap();
+
+        let e = format!(
+            "{:#}",
+            enroll(&enroll_args(&dir, "web-1", &out, false)).unwrap_err()
+        );
+        assert!(e.contains("--force"), "{e}");
+        assert_eq!(fs::read_to_string(&out).unwrap(), first);
+
+        enroll(&enroll_args(&dir, "web-1", &out, true)).unwrap();
+        let second = fs::read_to_string(&out).unwrap();
+        assert_ne!(second, first);
+        let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn enroll_names_what_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("b");
+        let e = format!(
+            "{:#}",
+            enroll(&enroll_args(tmp.path(), "web-1", &out, false)).unwrap_err()
+        );
+        assert!(e.contains("receiver.toml"), "{e}");
+        assert!(!out.exists());
+    }
+}

@@ -1,0 +1,250 @@
+//! The scan: read the whole volume, hash every block, compare with a reference.
+//!
+//! This is the hot path of the initial sync and of every rescan. A reader thread
+//! reads the volume in large sequential chunks (several blocks at once) into
+//! reference-counted buffers; a pool of worker threads sized to the cores hashes
+//! the blocks of each chunk, compares each digest with the reference (the
+//! receiver's digests, or the agent's index of what the receiver acknowledged),
+//! and compresses the blocks that differ. Changed blocks leave through a bounded
+//! channel, so a slow network slows the scan instead of filling memory.
+//!
+//! All-zero blocks are found with a word-wise check before hashing; their digest
+//! is computed once per pass.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::thread;
+
+use bytes::Bytes;
+use lifeboat_protocol::block::{BlockEncoder, Encoding};
+use lifeboat_protocol::hash::{is_all_zero, zero_hash, BlockHash};
+use lifeboat_protocol::VolumeGeometry;
+
+use crate::volume::{SourceVolume, VolumeError};
+
+/// A block whose digest differs from the reference, ready to send.
+#[derive(Clone, Debug)]
+pub struct ChangedBlock {
+    /// Block index.
+    pub index: u64,
+    /// BLAKE3 of the block's bytes.
+    pub digest: BlockHash,
+    /// How `payload` encodes the block.
+    pub encoding: Encoding,
+    /// Length of the block before encoding.
+    pub raw_len: u32,
+    /// Encoded bytes (empty for a zero block).
+    pub payload: Bytes,
+}
+
+/// Counters of one scan, shared between its threads and the progress display.
+#[derive(Debug, Default)]
+pub struct ScanStats {
+    /// Blocks hashed so far.
+    pub scanned_blocks: AtomicU64,
+    /// Bytes read so far.
+    pub scanned_bytes: AtomicU64,
+    /// All-zero blocks seen.
+    pub zero_blocks: AtomicU64,
+    /// Blocks that differ from the reference.
+    pub changed_blocks: AtomicU64,
+}
+
+/// What [`diff_chunk`] found in one chunk.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkCounts {
+    /// Blocks in the chunk.
+    pub blocks: u64,
+    /// All-zero blocks.
+    pub zero: u64,
+    /// Blocks whose digest differs from the reference.
+    pub changed: u64,
+}
+
+/// Hashes the blocks of `chunk`, which starts at block `first`, and calls
+/// `on_changed(index, digest, bytes, is_zero)` for each block whose digest is not
+/// `reference[index]`. `zero_digest` is the digest of a full-size zero block.
+///
+/// The chunk must start on a block boundary and hold whole blocks, except that
+/// the volume's last block may be short.
+pub fn diff_chunk(
+    geometry: &VolumeGeometry,
+    first: u64,
+    chunk: &[u8],
+    reference: &[BlockHash],
+    zero_digest: &BlockHash,
+    mut on_changed: impl FnMut(u64, BlockHash, &[u8], bool),
+) -> ChunkCounts {
+    let bs = geometry.block_size.bytes();
+    let mut counts = ChunkCounts::default();
+    for (i, block) in chunk.chunks(bs).enumerate() {
+        let index = first + i as u64;
+        let zero = is_all_zero(block);
+        let digest = if zero && block.len() == bs {
+            *zero_digest
+        } else if zero {
+            zero_hash(block.len())
+        } else {
+            BlockHash::of(block)
+        };
+        counts.blocks += 1;
+        counts.zero += zero as u64;
+        if reference.get(index as usize) != Some(&digest) {
+            counts.changed += 1;
+            on_changed(index, digest, block, zero);
+        }
+    }
+    counts
+}
+
+/// Settings of a scan.
+#[derive(Clone, Debug)]
+pub struct ScanOptions {
+    /// Worker threads hashing and compressing (at least 1).
+    pub threads: usize,
+    /// Bytes per read; rounded to whole blocks.
+    pub chunk_bytes: usize,
+    /// zstd level for changed blocks.
+    pub zstd_level: i32,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            threads: thread::available_parallelism().map_or(2, |n| n.get()),
+            chunk_bytes: 4 << 20,
+            zstd_level: lifeboat_protocol::block::DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+/// Scans blocks `[start, end)` of `volume` against `reference` and sends every
+/// changed block to `out`. Runs on the calling thread until done; hashing runs
+/// on `opts.threads` workers. Returns early (Ok) if `out` is closed or `stop` is
+/// set; a read error stops the scan and names the block.
+pub fn scan_volume(
+    volume: &SourceVolume,
+    geometry: VolumeGeometry,
+    reference: &[BlockHash],
+    opts: &ScanOptions,
+    stats: &ScanStats,
+    stop: &AtomicBool,
+    out: &tokio::sync::mpsc::Sender<ChangedBlock>,
+) -> Result<(), VolumeError> {
+    let bs = geometry.block_size.bytes();
+    let blocks_per_chunk = (opts.chunk_bytes / bs).max(1) as u64;
+    let zero_digest = zero_hash(bs);
+    let total = geometry.block_count();
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Bytes)>(opts.threads.max(1) * 2);
+    let work_rx = Mutex::new(work_rx);
+    thread::scope(|s| {
+        for _ in 0..opts.threads.max(1) {
+            s.spawn(|| {
+                let mut encoder = BlockEncoder::new(opts.zstd_level);
+                loop {
+                    let next = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((first, chunk)) = next else { return };
+                    let counts = diff_chunk(
+                        &geometry,
+                        first,
+                        &chunk,
+                        reference,
+                        &zero_digest,
+                        |index, digest, bytes, zero| {
+                            let (encoding, payload) = if zero {
+                                (Encoding::Zero, Bytes::new())
+                            } else {
+                                match encoder.encode(bytes) {
+                                    (Encoding::Raw, _) => {
+                                        let off = ((index - first) as usize) * bs;
+                                        (Encoding::Raw, chunk.slice(off..off + bytes.len()))
+                                    }
+                                    other => other,
+                                }
+                            };
+                            let block = ChangedBlock {
+                                index,
+                                digest,
+                                encoding,
+                                raw_len: bytes.len() as u32,
+                                payload,
+                            };
+                            if out.blocking_send(block).is_err() {
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        },
+                    );
+                    stats
+                        .scanned_blocks
+                        .fetch_add(counts.blocks, Ordering::Relaxed);
+                    stats
+                        .scanned_bytes
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    stats.zero_blocks.fetch_add(counts.zero, Ordering::Relaxed);
+                    stats
+                        .changed_blocks
+                        .fetch_add(counts.changed, Ordering::Relaxed);
+                }
+            });
+        }
+        // The reader: this thread. Dropping `work_tx` at the end stops the workers.
+        let result = (|| {
+            let mut first = 0u64;
+            while first < total {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let last = (first + blocks_per_chunk).min(total);
+                let offset = geometry.block_range(first).start;
+                let end = geometry.block_range(last - 1).end;
+                let mut buf = vec![0u8; (end - offset) as usize];
+                volume.read_at(&mut buf, offset, first)?;
+                if work_tx.send((first, Bytes::from(buf))).is_err() {
+                    return Ok(());
+                }
+                first = last;
+            }
+            Ok(())
+        })();
+        drop(work_tx);
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_protocol::BlockSize;
+
+    #[test]
+    fn diff_finds_changed_and_zero_blocks() {
+        let g = VolumeGeometry::new(4 * 4096 + 100, BlockSize::new(4096).unwrap()).unwrap();
+        let mut data = vec![0u8; g.volume_bytes as usize];
+        data[4096..8192].fill(7);
+        data[4 * 4096..].fill(9);
+        let zero = zero_hash(4096);
+        let mut reference = vec![BlockHash::UNKNOWN; 5];
+        reference[0] = zero;
+        reference[1] = BlockHash::of(&data[4096..8192]);
+        let mut changed = Vec::new();
+        let c = diff_chunk(&g, 0, &data, &reference, &zero, |i, d, b, z| {
+            changed.push((i, d, b.len(), z))
+        });
+        assert_eq!(
+            c,
+            ChunkCounts {
+                blocks: 5,
+                zero: 3,
+                changed: 3
+            }
+        );
+        assert_eq!(
+            changed.iter().map(|c| (c.0, c.2, c.3)).collect::<Vec<_>>(),
+            vec![(2, 4096, true), (3, 4096, true), (4, 100, false)]
+        );
+        assert_eq!(changed[2].1, BlockHash::of(&data[4 * 4096..]));
+    }
+}

@@ -1,0 +1,448 @@
+//! `receiver.toml`: the receiver's configuration.
+//!
+//! It lives at `D/receiver.toml` beside `D/pki/` (see [`crate::pki`]); `init` writes
+//! it, every other command reads it. Unknown keys are errors (naming the key), so a
+//! typo never silently falls back to a default.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7443"             # where `serve` binds (UDP, QUIC)
+//! advertise = "dr.example.com:7443"   # host:port written into bundles; default: listen
+//! tls_name = "dr.example.com"         # name agents check the receiver cert against; default "localhost"
+//! staging_dir = "/srv/lifeboat"       # optional; default D/staging
+//! fsync = "always"                    # optional; the only policy for now
+//!
+//! [[volume]]                          # optional: a block device or file as one volume's staging
+//! server = "web-1"
+//! volume = "root"
+//! path = "/dev/vg0/web-1-root"
+//! ```
+//!
+//! # `tls_name`
+//! Agents verify the receiver certificate against `tls_name`, so it must be one of
+//! the certificate's subject alternative names. `init` makes that so by putting
+//! the `advertise` host into the certificate and writing it as `tls_name`; a file
+//! without `tls_name` gets `localhost`, which every receiver certificate carries.
+//! Trust rests on the private CA in the bundle (it signs nothing but this
+//! receiver's certificate), so the name check is a second line, not the first.
+//!
+//! Relative paths (`staging_dir`, `[[volume]].path`) are relative to `D`.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use lifeboat_protocol::{ServerName, VolumeName};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// The configuration file's name inside the receiver directory.
+pub const CONFIG_FILE: &str = "receiver.toml";
+
+/// The default `tls_name`: every receiver certificate carries it.
+pub const DEFAULT_TLS_NAME: &str = "localhost";
+
+/// Errors loading or saving `receiver.toml`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file does not exist.
+    #[error("{} is missing: is {} a receiver directory made by `lifeboat-receiver init`?", path.display(), dir.display())]
+    Missing {
+        /// The configuration file.
+        path: PathBuf,
+        /// The receiver directory.
+        dir: PathBuf,
+    },
+    /// `save_new` found a file already there.
+    #[error("{} already exists (refusing to overwrite it)", path.display())]
+    AlreadyExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// Reading or writing the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The configuration file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type...).
+    #[error("{}: {message}", path.display())]
+    Syntax {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message, naming the key and line.
+        message: String,
+    },
+    /// The file parses but a value is unusable.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// When the receiver makes applied data durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// `fdatasync` the staging volume and its index before every acknowledgement:
+    /// nothing acknowledged to an agent can be lost by a crash or power cut.
+    /// The only policy for now; the type leaves room for others.
+    #[default]
+    Always,
+}
+
+/// A `[[volume]]` entry: one source volume's staging on a chosen file or device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeStaging {
+    /// The source server.
+    pub server: ServerName,
+    /// The volume on that server.
+    pub volume: VolumeName,
+    /// Block device or file used as its staging volume (relative to the receiver directory).
+    pub path: PathBuf,
+}
+
+/// The parsed `receiver.toml` (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReceiverConfig {
+    /// Where `serve` binds.
+    pub listen: SocketAddr,
+    /// `host:port` written into bundles; agents connect there.
+    pub advertise: String,
+    /// The name agents verify the receiver certificate against.
+    pub tls_name: String,
+    /// Where staging volumes live, instead of `D/staging`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staging_dir: Option<PathBuf>,
+    /// The durability policy.
+    pub fsync: FsyncPolicy,
+    /// Per-volume staging overrides.
+    #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStaging>,
+}
+
+/// The file as written, before defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
+    advertise: Option<String>,
+    tls_name: Option<String>,
+    staging_dir: Option<PathBuf>,
+    #[serde(default)]
+    fsync: FsyncPolicy,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<VolumeStaging>,
+}
+
+/// Splits `host:port` (IPv6 hosts in brackets); `None` if it is not of that form.
+/// The host comes back without brackets.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+impl ReceiverConfig {
+    /// A configuration with defaults: `advertise` = `listen`, `tls_name` =
+    /// [`DEFAULT_TLS_NAME`], staging under `D/staging`, fsync always.
+    pub fn new(listen: SocketAddr) -> ReceiverConfig {
+        ReceiverConfig {
+            listen,
+            advertise: listen.to_string(),
+            tls_name: DEFAULT_TLS_NAME.to_string(),
+            staging_dir: None,
+            fsync: FsyncPolicy::Always,
+            volumes: Vec::new(),
+        }
+    }
+
+    /// `D/receiver.toml`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE)
+    }
+
+    /// Reads and checks `D/receiver.toml`.
+    pub fn load(dir: &Path) -> Result<ReceiverConfig, ConfigError> {
+        let path = Self::path(dir);
+        let text = fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::Missing {
+                    path: path.clone(),
+                    dir: dir.to_path_buf(),
+                }
+            } else {
+                ConfigError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ParseError::Syntax(message) => ConfigError::Syntax { path, message },
+            ParseError::Invalid(reason) => ConfigError::Invalid { path, reason },
+        })
+    }
+
+    fn from_toml(text: &str) -> Result<ReceiverConfig, ParseError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string().trim().into()))?;
+        let config = ReceiverConfig {
+            listen: raw.listen,
+            advertise: raw.advertise.unwrap_or_else(|| raw.listen.to_string()),
+            tls_name: raw.tls_name.unwrap_or_else(|| DEFAULT_TLS_NAME.into()),
+            staging_dir: raw.staging_dir,
+            fsync: raw.fsync,
+            volumes: raw.volumes,
+        };
+        config.check().map_err(ParseError::Invalid)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot (`advertise` is `host:port` with a port other than
+    /// 0, `tls_name` is a DNS name or IP, no volume or path appears twice); errors
+    /// name `D/receiver.toml`.
+    pub fn validate(&self, dir: &Path) -> Result<(), ConfigError> {
+        self.check().map_err(|reason| ConfigError::Invalid {
+            path: Self::path(dir),
+            reason,
+        })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match split_host_port(&self.advertise) {
+            Some((_, 0)) => {
+                return Err(format!(
+                    "advertise = {:?}: port 0 cannot be reached by agents",
+                    self.advertise
+                ))
+            }
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "advertise = {:?} is not host:port (write IPv6 as [addr]:port)",
+                    self.advertise
+                ))
+            }
+        }
+        if rustls::pki_types::ServerName::try_from(self.tls_name.as_str()).is_err() {
+            return Err(format!(
+                "tls_name = {:?} is neither a DNS name nor an IP address",
+                self.tls_name
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut paths = HashSet::new();
+        for v in &self.volumes {
+            if !ids.insert((&v.server, &v.volume)) {
+                return Err(format!(
+                    "[[volume]] server = {:?}, volume = {:?} appears twice",
+                    v.server.as_str(),
+                    v.volume.as_str()
+                ));
+            }
+            if !paths.insert(&v.path) {
+                return Err(format!(
+                    "[[volume]] path = {:?} is used by two volumes",
+                    v.path
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The file's text: a comment header, then the settings.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).expect("config fields all serialize to TOML");
+        format!(
+            "# Lifeboat receiver configuration (unknown keys are errors).\n\
+             # listen: where `serve` binds. advertise: host:port written into enrollment bundles.\n\
+             # tls_name: the name agents check the receiver certificate against; it must be a\n\
+             #   subjectAltName of pki/server.pem. Optional: staging_dir = \"/path\" (default: staging/\n\
+             #   here); [[volume]] tables with server, volume, path to put one volume's staging on a\n\
+             #   block device or file. fsync = \"always\": fdatasync staging and index before every\n\
+             #   acknowledgement.\n\
+             {body}"
+        )
+    }
+
+    /// Writes `D/receiver.toml` durably, refusing to overwrite an existing file.
+    pub fn save_new(&self, dir: &Path) -> Result<(), ConfigError> {
+        self.validate(dir)?;
+        let path = Self::path(dir);
+        fsutil::create_new(&path, self.to_toml().as_bytes(), 0o644).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                ConfigError::AlreadyExists { path: path.clone() }
+            } else {
+                ConfigError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// The staging volume of `server`/`volume`: its `[[volume]]` path if one is
+    /// configured, else `<staging_dir or D/staging>/<server>/<volume>.img`.
+    /// Relative paths are taken relative to `dir`.
+    pub fn staging_path(&self, dir: &Path, server: &ServerName, volume: &VolumeName) -> PathBuf {
+        if let Some(v) = self
+            .volumes
+            .iter()
+            .find(|v| &v.server == server && &v.volume == volume)
+        {
+            return dir.join(&v.path);
+        }
+        let base = match &self.staging_dir {
+            Some(s) => dir.join(s),
+            None => dir.join("staging"),
+        };
+        base.join(server.as_str())
+            .join(format!("{}.img", volume.as_str()))
+    }
+}
+
+enum ParseError {
+    Syntax(String),
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) {
+        fs::write(dir.join(CONFIG_FILE), text).unwrap();
+    }
+
+    #[test]
+    fn round_trips_and_applies_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ReceiverConfig::new("127.0.0.1:7443".parse().unwrap());
+        c.volumes.push(VolumeStaging {
+            server: ServerName::new("web-1").unwrap(),
+            volume: VolumeName::new("root").unwrap(),
+            path: "/dev/vg0/web1-root".into(),
+        });
+        c.save_new(dir.path()).unwrap();
+        assert_eq!(ReceiverConfig::load(dir.path()).unwrap(), c);
+
+        write(dir.path(), "listen = \"[::]:7443\"\n");
+        let c = ReceiverConfig::load(dir.path()).unwrap();
+        assert_eq!(c.advertise, "[::]:7443");
+        assert_eq!(c.tls_name, "localhost");
+        assert_eq!(c.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn save_new_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ReceiverConfig::new("127.0.0.1:7443".parse().unwrap());
+        c.save_new(dir.path()).unwrap();
+        let e = c.save_new(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::AlreadyExists { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "listen = \"127.0.0.1:7443\"\nfsync_policy = \"never\"\n",
+        );
+        let e = ReceiverConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("fsync_policy"), "{msg}");
+        assert!(msg.contains(CONFIG_FILE), "{msg}");
+
+        write(
+            dir.path(),
+            "listen = \"127.0.0.1:7443\"\n[[volume]]\nserver = \"a\"\nvolume = \"b\"\npath = \"/x\"\nsize = 3\n",
+        );
+        let msg = ReceiverConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("size"), "{msg}");
+
+        write(
+            dir.path(),
+            "listen = \"127.0.0.1:7443\"\nfsync = \"never\"\n",
+        );
+        let msg = ReceiverConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("never"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ReceiverConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing { .. }), "{e:?}");
+
+        for text in [
+            "listen = \"127.0.0.1:7443\"\nadvertise = \"nohost\"\n",
+            "listen = \"127.0.0.1:7443\"\nadvertise = \"h:0\"\n",
+            "listen = \"127.0.0.1:7443\"\ntls_name = \"bad name\"\n",
+            "listen = \"127.0.0.1:7443\"\n[[volume]]\nserver = \"a\"\nvolume = \"b\"\npath = \"/x\"\n\
+             [[volume]]\nserver = \"a\"\nvolume = \"b\"\npath = \"/y\"\n",
+            "listen = \"127.0.0.1:7443\"\n[[volume]]\nserver = \"a\"\nvolume = \"b\"\npath = \"/x\"\n\
+             [[volume]]\nserver = \"a\"\nvolume = \"c\"\npath = \"/x\"\n",
+        ] {
+            write(dir.path(), text);
+            let e = ReceiverConfig::load(dir.path()).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{text}: {e:?}");
+        }
+        write(
+            dir.path(),
+            "listen = \"127.0.0.1:7443\"\n[[volume]]\nserver = \"../etc\"\nvolume = \"b\"\npath = \"/x\"\n",
+        );
+        let e = ReceiverConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn staging_paths() {
+        let d = Path::new("/var/lib/lifeboat");
+        let s = ServerName::new("web-1").unwrap();
+        let root = VolumeName::new("root").unwrap();
+        let data = VolumeName::new("data").unwrap();
+        let mut c = ReceiverConfig::new("127.0.0.1:7443".parse().unwrap());
+        assert_eq!(
+            c.staging_path(d, &s, &root),
+            Path::new("/var/lib/lifeboat/staging/web-1/root.img")
+        );
+        c.staging_dir = Some("/srv/stage".into());
+        c.volumes.push(VolumeStaging {
+            server: s.clone(),
+            volume: data.clone(),
+            path: "/dev/vg0/web1-data".into(),
+        });
+        assert_eq!(
+            c.staging_path(d, &s, &root),
+            Path::new("/srv/stage/web-1/root.img")
+        );
+        assert_eq!(
+            c.staging_path(d, &s, &data),
+            Path::new("/dev/vg0/web1-data")
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a.b:1"), Some(("a.b", 1)));
+        assert_eq!(split_host_port("[::1]:7443"), Some(("::1", 7443)));
+        assert_eq!(split_host_port("::1:7443"), None);
+        assert_eq!(split_host_port(":7443"), None);
+        assert_eq!(split_host_port("host"), None);
+    }
+}

@@ -1,0 +1,536 @@
+//! `lifeboat-receiver serve`: the QUIC server.
+//!
+//! ## Tasks and ownership
+//! - The accept loop takes connections; each gets a task ([`handle_connection`])
+//!   inside a span naming the peer address and the source server. The server
+//!   name comes from the client certificate, never from the agent's words.
+//! - The connection task is the driver of the control stream: it owns the
+//!   [`ReceiverSession`] machine and feeds it frames; it answers digest requests
+//!   and turns the apply task's results into `Durable` / `Flushed` frames.
+//! - One reader task per unidirectional data stream decodes block frames,
+//!   decompresses, and verifies each block's digest before passing it on.
+//! - One apply task per session owns the [`Replica`] and applies blocks in
+//!   batches (journal, write, fsync — see [`crate::replica`]); only then are the
+//!   blocks reported durable.
+//!
+//! A volume is open in at most one session at a time (a second is refused with
+//! `Busy`). A malformed frame or digest mismatch ends that session, with the
+//! cause logged; other sessions carry on.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use lifeboat_protocol::block::BlockDecoder;
+use lifeboat_protocol::codec::{self, FrameDecoder};
+use lifeboat_protocol::frame::{BlockRange, Frame, RejectCode, HELLO_FLAG_RESIZE};
+use lifeboat_protocol::hash::BlockHash;
+use lifeboat_protocol::session::{ReceiverEvent, ReceiverSession, SessionState};
+use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::config::ReceiverConfig;
+use crate::pki::{client_name_from_cert, Pki};
+use crate::replica::{Replica, ReplicaError, ReplicaPaths, VerifiedBlock};
+
+/// Bytes of verified blocks buffered between the data streams and the apply task.
+const APPLY_QUEUE_BLOCKS: usize = 512;
+/// Apply a batch once it holds this many bytes…
+const BATCH_BYTES: usize = 16 << 20;
+/// …or once no block has arrived for this long.
+const BATCH_IDLE: Duration = Duration::from_millis(5);
+
+/// Shared state of a running receiver.
+pub struct Receiver {
+    dir: PathBuf,
+    config: ReceiverConfig,
+    active: Mutex<HashSet<(ServerName, VolumeName)>>,
+}
+
+/// Runs the receiver until SIGINT or SIGTERM.
+pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let config = ReceiverConfig::load(dir)?;
+    let pki = Pki::open(dir)?;
+    let tls = pki.server_tls_config()?;
+    let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .context("TLS configuration unusable for QUIC")?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+    server_config.transport_config(Arc::new(transport_config()));
+    let addr = listen.unwrap_or(config.listen);
+    let endpoint = quinn::Endpoint::server(server_config, addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = endpoint.local_addr()?;
+    info!(listen = %local, dir = %dir.display(), "receiver listening");
+    // Scripts and tests read the bound port from this line.
+    println!("listening on {local}");
+
+    let receiver = Arc::new(Receiver {
+        dir: dir.to_path_buf(),
+        config,
+        active: Mutex::new(HashSet::new()),
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let receiver = receiver.clone();
+                let peer = incoming.remote_address();
+                tokio::spawn(async move {
+                    let span = info_span!("conn", %peer);
+                    async move {
+                        match incoming.await {
+                            Ok(conn) => {
+                                if let Err(e) = handle_connection(receiver, conn).await {
+                                    warn!("session ended with an error: {e:#}");
+                                }
+                            }
+                            Err(e) => warn!("handshake with {peer} failed: {e}"),
+                        }
+                    }
+                    .instrument(span)
+                    .await
+                });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("shutting down");
+    endpoint.close(0u32.into(), b"receiver shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("valid idle timeout"),
+    ));
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.max_concurrent_uni_streams(64u32.into());
+    t.max_concurrent_bidi_streams(4u32.into());
+    t
+}
+
+/// Messages from the data-stream readers and the apply task to the driver.
+enum Report {
+    Durable { generation: u64, indexes: Vec<u64> },
+    Rejected { index: u64, reason: String },
+    Failed(anyhow::Error),
+}
+
+async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> anyhow::Result<()> {
+    let server = peer_server_name(&conn)?;
+    let span = info_span!("server", server = %server);
+    drive_session(receiver, conn, server).instrument(span).await
+}
+
+fn peer_server_name(conn: &quinn::Connection) -> anyhow::Result<ServerName> {
+    let identity = conn
+        .peer_identity()
+        .context("peer presented no certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
+    let leaf = certs
+        .first()
+        .context("peer presented an empty certificate chain")?;
+    client_name_from_cert(leaf.as_ref())
+        .context("cannot take a server name from the peer certificate")
+}
+
+/// Releases a volume's slot in the active set when the session ends.
+struct ActiveGuard {
+    receiver: Arc<Receiver>,
+    key: (ServerName, VolumeName),
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.receiver.active.lock() {
+            a.remove(&self.key);
+        }
+    }
+}
+
+async fn drive_session(
+    receiver: Arc<Receiver>,
+    conn: quinn::Connection,
+    server: ServerName,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(15), conn.accept_bi())
+        .await
+        .context("agent opened no control stream within 15s")?
+        .context("connection lost before the control stream opened")?;
+    let mut session = ReceiverSession::new(server.clone(), Instant::now());
+    let mut decoder = FrameDecoder::default();
+    let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
+    let mut replica: Option<Arc<Mutex<Replica>>> = None;
+    let mut _guard: Option<ActiveGuard> = None;
+    let mut apply_tx: Option<mpsc::Sender<VerifiedBlock>> = None;
+    let mut durable_count = 0u64;
+    let mut volume_label = String::new();
+
+    let result: anyhow::Result<()> = async {
+        loop {
+            // Events first (they may change durable state), then frames out.
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    ReceiverEvent::Hello(hello) => {
+                        volume_label = format!("{server}/{}", hello.volume);
+                        let key = (server.clone(), hello.volume.clone());
+                        if !receiver.active.lock().map(|mut a| a.insert(key.clone())).unwrap_or(false) {
+                            session.reject(RejectCode::Busy, format!("volume {volume_label} is already being replicated by another session"));
+                            continue;
+                        }
+                        _guard = Some(ActiveGuard { receiver: receiver.clone(), key });
+                        let resize = hello.flags & HELLO_FLAG_RESIZE != 0;
+                        match open_replica(&receiver, &server, &hello.volume, hello.geometry, resize).await {
+                            Ok(r) => {
+                                let (id, generation, epoch, geometry) = (r.volume_id(), r.generation(), r.durable_epoch(), r.geometry());
+                                info!(volume = %hello.volume, %geometry, generation, staging = %r.staging_path().display(), "session established");
+                                let r = Arc::new(Mutex::new(r));
+                                let (tx, rx) = mpsc::channel(APPLY_QUEUE_BLOCKS);
+                                tokio::spawn(apply_task(r.clone(), rx, report_tx.clone()).in_current_span());
+                                tokio::spawn(accept_data_streams(conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
+                                apply_tx = Some(tx);
+                                replica = Some(r);
+                                session.accept(id, generation, epoch, geometry);
+                            }
+                            Err(e) => {
+                                let code = match &e {
+                                    ReplicaError::GeometryMismatch { .. } => RejectCode::GeometryMismatch,
+                                    _ => RejectCode::Storage,
+                                };
+                                error!(volume = %hello.volume, "cannot open replica: {e}");
+                                session.reject(code, e.to_string());
+                            }
+                        }
+                    }
+                    ReceiverEvent::DigestRequest { start, count } => {
+                        let r = replica.as_ref().context("digest request before the handshake")?;
+                        let digests = r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.digests(start, count);
+                        session.send_digests(start, digests);
+                    }
+                    ReceiverEvent::FlushRequested { .. } => {
+                        // Answer at once if everything asked for is already durable.
+                        let generation = replica.as_ref().and_then(|r| r.lock().ok().map(|r| r.generation())).unwrap_or(0);
+                        session.blocks_durable(generation, Vec::new(), durable_count);
+                    }
+                    ReceiverEvent::EpochDurable(epoch) => {
+                        if let Some(r) = &replica {
+                            let r = r.clone();
+                            tokio::task::spawn_blocking(move || {
+                                r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.close_epoch(epoch).map_err(anyhow::Error::new)
+                            }).await??;
+                            debug!(epoch, "epoch durable");
+                        }
+                    }
+                    ReceiverEvent::Goodbye => {
+                        info!(volume = %volume_label, "agent said goodbye");
+                    }
+                }
+            }
+            let mut out = BytesMut::new();
+            while let Some(frame) = session.poll_transmit() {
+                codec::encode(&frame, &mut out);
+            }
+            if !out.is_empty() {
+                send.write_all(&out).await.context("cannot write to the control stream")?;
+            }
+            if session.state() == SessionState::Closed {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                return Ok(());
+            }
+            match decoder.next_frame() {
+                Err(e) => {
+                    error!(volume = %volume_label, "malformed frame on the control stream: {e}");
+                    conn.close(2u32.into(), format!("malformed frame: {e}").as_bytes());
+                    return Err(anyhow::anyhow!("malformed frame from the agent: {e}"));
+                }
+                Ok(Some(frame)) => {
+                    if let Err(e) = session.handle_frame(frame, Instant::now()) {
+                        error!(volume = %volume_label, "protocol violation: {e}");
+                        conn.close(3u32.into(), format!("protocol violation: {e}").as_bytes());
+                        return Err(anyhow::Error::new(e).context("protocol violation by the agent"));
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            let timeout = session.poll_timeout();
+            tokio::select! {
+                chunk = recv.read_chunk(64 << 10, true) => {
+                    match chunk {
+                        Ok(Some(c)) => decoder.extend(&c.bytes),
+                        Ok(None) => return Ok(()),
+                        Err(quinn::ReadError::ConnectionLost(e)) => {
+                            return match e {
+                                quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(()),
+                                e => Err(anyhow::Error::new(e).context("connection lost")),
+                            };
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context("control stream failed")),
+                    }
+                }
+                report = report_rx.recv() => {
+                    match report {
+                        Some(Report::Durable { generation, indexes }) => {
+                            durable_count += indexes.len() as u64;
+                            for &i in &indexes {
+                                session.block_received(i);
+                            }
+                            session.blocks_durable(generation, to_ranges(indexes), durable_count);
+                        }
+                        Some(Report::Rejected { index, reason }) => {
+                            error!(volume = %volume_label, block = index, "rejected block: {reason}");
+                            session.block_rejected(index, reason);
+                        }
+                        Some(Report::Failed(e)) => {
+                            error!(volume = %volume_label, "{e:#}");
+                            conn.close(4u32.into(), format!("{e:#}").as_bytes());
+                            return Err(e);
+                        }
+                        None => {}
+                    }
+                }
+                _ = sleep_until(timeout) => {
+                    if let Err(e) = session.handle_timeout(Instant::now()) {
+                        conn.close(5u32.into(), b"handshake timeout");
+                        return Err(anyhow::Error::new(e).context("agent did not complete the handshake"));
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    drop(apply_tx);
+    if let Some(r) = replica {
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut r) = r.lock() {
+                if let Err(e) = r.commit_index() {
+                    warn!("cannot commit index at session end: {e}");
+                }
+            }
+        })
+        .await;
+    }
+    result
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn open_replica(
+    receiver: &Receiver,
+    server: &ServerName,
+    volume: &VolumeName,
+    geometry: VolumeGeometry,
+    resize: bool,
+) -> Result<Replica, ReplicaError> {
+    let staging = receiver.config.staging_path(&receiver.dir, server, volume);
+    let paths = ReplicaPaths::new(&receiver.dir, server, volume, staging);
+    let (server, volume) = (server.clone(), volume.clone());
+    tokio::task::spawn_blocking(move || Replica::open(server, volume, paths, geometry, resize))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ReplicaError::Metadata {
+                what: "replica open task failed",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+}
+
+/// Accepts data streams and spawns a reader for each.
+async fn accept_data_streams(
+    conn: quinn::Connection,
+    geometry: VolumeGeometry,
+    apply_tx: mpsc::Sender<VerifiedBlock>,
+    report_tx: mpsc::Sender<Report>,
+) {
+    while let Ok(stream) = conn.accept_uni().await {
+        let apply_tx = apply_tx.clone();
+        let report_tx = report_tx.clone();
+        let conn = conn.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = read_data_stream(stream, geometry, &apply_tx, &report_tx).await {
+                    error!("data stream: {e:#}");
+                    conn.close(2u32.into(), format!("{e:#}").as_bytes());
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Reads block frames from one data stream, verifying each block.
+async fn read_data_stream(
+    mut stream: quinn::RecvStream,
+    geometry: VolumeGeometry,
+    apply_tx: &mpsc::Sender<VerifiedBlock>,
+    report_tx: &mpsc::Sender<Report>,
+) -> anyhow::Result<()> {
+    let mut decoder = FrameDecoder::default();
+    let mut block_decoder = BlockDecoder::new();
+    loop {
+        while let Some(frame) = decoder
+            .next_frame()
+            .map_err(|e| anyhow::anyhow!("malformed frame on a data stream: {e}"))?
+        {
+            let Frame::Block(b) = frame else {
+                anyhow::bail!(
+                    "{} frame on a data stream (only Block frames belong there)",
+                    frame.kind()
+                );
+            };
+            if !geometry.contains(b.index) {
+                anyhow::bail!(
+                    "block {} is beyond the end of the volume ({} blocks)",
+                    b.index,
+                    geometry.block_count()
+                );
+            }
+            let want_len = geometry.block_len(b.index);
+            if b.raw_len != want_len {
+                anyhow::bail!(
+                    "block {} declares {} bytes, the volume's block is {}",
+                    b.index,
+                    b.raw_len,
+                    want_len
+                );
+            }
+            let (index, digest) = (b.index, b.digest);
+            let verified = tokio::task::block_in_place(|| -> Result<VerifiedBlock, String> {
+                let data = block_decoder
+                    .decode(b.encoding, b.raw_len, &b.payload, want_len)
+                    .map_err(|e| format!("cannot decode: {e}"))?;
+                if BlockHash::of(&data) != digest {
+                    return Err(format!(
+                        "digest mismatch: the agent sent {digest}, the data hashes to {}",
+                        BlockHash::of(&data)
+                    ));
+                }
+                let zero = lifeboat_protocol::hash::is_all_zero(&data);
+                Ok(VerifiedBlock {
+                    index,
+                    digest,
+                    data: (!zero).then_some(data),
+                })
+            });
+            match verified {
+                Ok(v) => {
+                    if apply_tx.send(v).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(reason) => {
+                    let _ = report_tx.send(Report::Rejected { index, reason }).await;
+                }
+            }
+        }
+        match stream.read_chunk(256 << 10, true).await {
+            Ok(Some(c)) => decoder.extend(&c.bytes),
+            Ok(None) => {
+                if decoder.buffered() > 0 {
+                    anyhow::bail!(
+                        "data stream ended inside a frame ({} bytes left over)",
+                        decoder.buffered()
+                    );
+                }
+                return Ok(());
+            }
+            Err(quinn::ReadError::ConnectionLost(_)) | Err(quinn::ReadError::Reset(_)) => {
+                return Ok(())
+            }
+            Err(e) => return Err(anyhow::Error::new(e)),
+        }
+    }
+}
+
+/// Applies verified blocks in batches; reports each durable batch.
+async fn apply_task(
+    replica: Arc<Mutex<Replica>>,
+    mut rx: mpsc::Receiver<VerifiedBlock>,
+    report_tx: mpsc::Sender<Report>,
+) {
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].data.as_ref().map_or(0, |d| d.len());
+        while bytes < BATCH_BYTES {
+            match tokio::time::timeout(BATCH_IDLE, rx.recv()).await {
+                Ok(Some(b)) => {
+                    bytes += b.data.as_ref().map_or(0, |d| d.len());
+                    batch.push(b);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let r = replica.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut r = r
+                .lock()
+                .map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
+            let generation = r.apply(&batch).map_err(anyhow::Error::new)?;
+            Ok::<_, anyhow::Error>((
+                generation,
+                batch.into_iter().map(|b| b.index).collect::<Vec<_>>(),
+            ))
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("apply task failed: {e}")));
+        let report = match result {
+            Ok((generation, indexes)) => Report::Durable {
+                generation,
+                indexes,
+            },
+            Err(e) => Report::Failed(e.context("cannot apply blocks to the staging volume")),
+        };
+        let failed = matches!(report, Report::Failed(_));
+        if report_tx.send(report).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Turns block indexes into sorted, merged ranges.
+fn to_ranges(mut indexes: Vec<u64>) -> Vec<BlockRange> {
+    indexes.sort_unstable();
+    indexes.dedup();
+    let mut ranges: Vec<BlockRange> = Vec::new();
+    for i in indexes {
+        match ranges.last_mut() {
+            Some(r) if r.start + r.len as u64 == i && r.len < u32::MAX => r.len += 1,
+            _ => ranges.push(BlockRange { start: i, len: 1 }),
+        }
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge() {
+        let r = to_ranges(vec![5, 1, 2, 3, 9, 2]);
+        let got: Vec<(u64, u32)> = r.iter().map(|r| (r.start, r.len)).collect();
+        assert_eq!(got, vec![(1, 3), (5, 1), (9, 1)]);
+    }
+}
