@@ -116,6 +116,10 @@ pub struct Replica {
     index: HashIndex,
     journal: File,
     journal_blocks: usize,
+    /// Set when an apply failed after its intent was journaled: the in-memory
+    /// index may then be wrong for those blocks, so it is never committed; the
+    /// next open replays the journal instead.
+    failed: bool,
 }
 
 impl Replica {
@@ -172,6 +176,7 @@ impl Replica {
             index: HashIndex::filled(geometry, rand::random(), BlockHash::UNKNOWN),
             journal,
             journal_blocks: 0,
+            failed: false,
             paths,
         };
         match stored {
@@ -246,13 +251,20 @@ impl Replica {
         if blocks.is_empty() {
             return Ok(self.index.generation);
         }
+        if self.failed {
+            return Err(self.failed_error());
+        }
         let generation = self.index.generation + 1;
         let indexes: Vec<u64> = blocks.iter().map(|b| b.index).collect();
         self.append_intent(generation, &indexes)?;
-        for b in blocks {
-            self.staging.write_block(b.index, b.data.as_deref())?;
+        let written = blocks
+            .iter()
+            .try_for_each(|b| self.staging.write_block(b.index, b.data.as_deref()))
+            .and_then(|_| self.staging.sync());
+        if let Err(e) = written {
+            self.failed = true;
+            return Err(e.into());
         }
-        self.staging.sync()?;
         for b in blocks {
             self.index.digests[b.index as usize] = b.digest;
         }
@@ -272,8 +284,20 @@ impl Replica {
         Ok(())
     }
 
-    /// Writes the index durably and empties the journal.
+    fn failed_error(&self) -> ReplicaError {
+        ReplicaError::Metadata {
+            what: "an earlier write failed; reopen to replay the journal of",
+            path: self.paths.staging.clone(),
+            source: std::io::Error::other("replica needs recovery"),
+        }
+    }
+
+    /// Writes the index durably and empties the journal. Refused after a failed
+    /// apply (the journal must then be replayed by the next open).
     pub fn commit_index(&mut self) -> Result<(), ReplicaError> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
         fsutil::write_atomic(&self.paths.index, &self.index.encode(), 0o600).map_err(|source| {
             ReplicaError::Metadata {
                 what: "cannot write index",

@@ -38,7 +38,7 @@ use crate::config::ReceiverConfig;
 use crate::pki::{client_name_from_cert, Pki};
 use crate::replica::{Replica, ReplicaError, ReplicaPaths, VerifiedBlock};
 
-/// Bytes of verified blocks buffered between the data streams and the apply task.
+/// Verified blocks queued between the data streams and the apply task.
 const APPLY_QUEUE_BLOCKS: usize = 512;
 /// Apply a batch once it holds this many bytes…
 const BATCH_BYTES: usize = 16 << 20;
