@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use lifeboat_protocol::codec;
-use lifeboat_protocol::frame::{BlockFrame, Frame, Hello, Welcome, PROTOCOL_VERSION};
+use lifeboat_protocol::frame::{BlockFrame, Hello, Welcome, PROTOCOL_VERSION};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::index::HashIndex;
 use lifeboat_protocol::session::{AgentEvent, SessionState};
@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::progress::Progress;
 use crate::scan::{scan_volume, ChangedBlock, ScanOptions, ScanStats};
 use crate::state;
-use crate::transport::{self, Link, LinkError};
+use crate::transport::{self, Link, LinkError, WireBlock};
 use crate::volume::SourceVolume;
 
 /// Flags of one `sync` run.
@@ -258,7 +258,8 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
                 link = new_link;
                 pass.flush_seq = None;
                 // Everything not yet durable is sent again, in block order.
-                let frames: Vec<Bytes> = pass.in_flight.values().map(|f| f.frame.clone()).collect();
+                let frames: Vec<WireBlock> =
+                    pass.in_flight.values().map(|f| f.frame.clone()).collect();
                 for frame in frames {
                     summary.resent_blocks += 1;
                     summary.sent_blocks += 1;
@@ -300,7 +301,7 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
 /// A block sent and not yet acknowledged.
 struct InFlight {
     digest: BlockHash,
-    frame: Bytes,
+    frame: WireBlock,
 }
 
 /// State of the pass that survives reconnects.
@@ -481,19 +482,23 @@ async fn drive(
     }
 }
 
-/// Encodes one block as a complete wire frame.
-pub fn encode_block(b: &ChangedBlock, epoch: u64) -> Bytes {
-    let frame = Frame::Block(BlockFrame {
+/// Encodes one block as a wire frame: a small header and the payload it
+/// shares with the scan's buffer (no copy of the block).
+pub fn encode_block(b: &ChangedBlock, epoch: u64) -> WireBlock {
+    let frame = BlockFrame {
         index: b.index,
         epoch,
         digest: b.digest,
         encoding: b.encoding,
         raw_len: b.raw_len,
         payload: b.payload.clone(),
-    });
-    let mut buf = BytesMut::with_capacity(b.payload.len() + 96);
-    codec::encode(&frame, &mut buf);
-    buf.freeze()
+    };
+    let mut header = BytesMut::with_capacity(codec::BLOCK_HEADER_LEN);
+    codec::encode_block_header(&frame, &mut header);
+    WireBlock {
+        header: header.freeze(),
+        payload: frame.payload,
+    }
 }
 
 /// A token bucket for `--max-rate`.

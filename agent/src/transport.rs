@@ -63,6 +63,28 @@ impl From<quinn::ReadError> for LinkError {
     }
 }
 
+/// One encoded block frame: its header and its payload, kept apart so the
+/// payload travels from the read buffer to the stream without a copy.
+#[derive(Clone, Debug)]
+pub struct WireBlock {
+    /// Length prefix, type and block fields.
+    pub header: Bytes,
+    /// Encoded block bytes.
+    pub payload: Bytes,
+}
+
+impl WireBlock {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.header.len() + self.payload.len()
+    }
+
+    /// Whether the frame is empty (never, for a valid frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// How long to wait for a connection and the receiver's `Welcome`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle timeout of the connection; keep-alives are sent at a third of it.
@@ -118,7 +140,7 @@ pub struct Link {
     decoder: FrameDecoder,
     /// The control-stream state machine.
     pub session: AgentSession,
-    data_tx: Option<mpsc::Sender<Bytes>>,
+    data_tx: Option<mpsc::Sender<WireBlock>>,
     writers: Vec<tokio::task::JoinHandle<Result<(), quinn::WriteError>>>,
     writer_failed: mpsc::Receiver<anyhow::Error>,
 }
@@ -148,8 +170,8 @@ impl Link {
                 },
             })?;
             let (control_send, control_recv) = conn.open_bi().await?;
-            let (data_tx, data_rx) = mpsc::channel::<Bytes>(64);
-            let queue: Arc<Mutex<mpsc::Receiver<Bytes>>> = Arc::new(Mutex::new(data_rx));
+            let (data_tx, data_rx) = mpsc::channel::<WireBlock>(64);
+            let queue: Arc<Mutex<mpsc::Receiver<WireBlock>>> = Arc::new(Mutex::new(data_rx));
             let (fail_tx, writer_failed) = mpsc::channel(streams.max(1));
             let mut writers = Vec::new();
             for _ in 0..streams.max(1) {
@@ -161,7 +183,8 @@ impl Link {
                         let next = { queue.lock().await.recv().await };
                         match next {
                             Some(frame) => {
-                                if let Err(e) = stream.write_chunk(frame).await {
+                                let mut chunks = [frame.header, frame.payload];
+                                if let Err(e) = stream.write_all_chunks(&mut chunks).await {
                                     let _ = fail_tx.send(anyhow::Error::new(e.clone())).await;
                                     return Err(e);
                                 }
@@ -214,7 +237,7 @@ impl Link {
     }
 
     /// Queues one encoded block frame on the data streams.
-    pub async fn send_block(&mut self, frame: Bytes) -> Result<(), LinkError> {
+    pub async fn send_block(&mut self, frame: WireBlock) -> Result<(), LinkError> {
         let tx = self
             .data_tx
             .as_ref()
