@@ -41,6 +41,10 @@ impl From<quinn::ConnectionError> for LinkError {
                     "the receiver refused our certificate (is this bundle from this receiver's CA, and still valid?)",
                 ))
             }
+            // Code 0: the receiver is shutting down or restarting; try again.
+            E::ApplicationClosed(c) if u64::from(c.error_code) == 0 => LinkError::Lost(
+                anyhow::anyhow!("the receiver closed the connection: {}", String::from_utf8_lossy(&c.reason)),
+            ),
             E::ApplicationClosed(c) => LinkError::Fatal(anyhow::anyhow!(
                 "the receiver closed the connection: {}",
                 String::from_utf8_lossy(&c.reason)
@@ -53,13 +57,19 @@ impl From<quinn::ConnectionError> for LinkError {
 
 impl From<quinn::WriteError> for LinkError {
     fn from(e: quinn::WriteError) -> Self {
-        LinkError::Lost(anyhow::Error::new(e))
+        match e {
+            quinn::WriteError::ConnectionLost(c) => LinkError::from(c),
+            e => LinkError::Lost(anyhow::Error::new(e)),
+        }
     }
 }
 
 impl From<quinn::ReadError> for LinkError {
     fn from(e: quinn::ReadError) -> Self {
-        LinkError::Lost(anyhow::Error::new(e))
+        match e {
+            quinn::ReadError::ConnectionLost(c) => LinkError::from(c),
+            e => LinkError::Lost(anyhow::Error::new(e)),
+        }
     }
 }
 

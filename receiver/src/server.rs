@@ -13,11 +13,14 @@
 //!   batches (journal, write, fsync — see [`crate::replica`]); only then are the
 //!   blocks reported durable.
 //!
-//! A volume is open in at most one session at a time (a second is refused with
-//! `Busy`). A malformed frame or digest mismatch ends that session, with the
-//! cause logged; other sessions carry on.
+//! A volume is open in at most one session at a time: a newer session of the
+//! same server closes the older one and takes the volume once it is released
+//! (an agent restarted after `kill -9` need not wait for the idle timeout);
+//! `Busy` only if the older session does not let go within 10 s. A malformed
+//! frame ends that session and a digest mismatch is answered with
+//! `BlockRejected`, with the cause logged; other sessions carry on.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,7 +52,8 @@ const BATCH_IDLE: Duration = Duration::from_millis(5);
 pub struct Receiver {
     dir: PathBuf,
     config: ReceiverConfig,
-    active: Mutex<HashSet<(ServerName, VolumeName)>>,
+    /// The connection of the session that holds each volume.
+    active: Mutex<HashMap<(ServerName, VolumeName), quinn::Connection>>,
 }
 
 /// Runs the receiver until SIGINT or SIGTERM.
@@ -62,8 +66,15 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
     server_config.transport_config(Arc::new(transport_config()));
     let addr = listen.unwrap_or(config.listen);
-    let endpoint = quinn::Endpoint::server(server_config, addr)
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config(dir)?,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("cannot listen on {addr}"))?;
     let local = endpoint.local_addr()?;
     info!(listen = %local, dir = %dir.display(), "receiver listening");
     // Scripts and tests read the bound port from this line.
@@ -72,7 +83,7 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,
-        active: Mutex::new(HashSet::new()),
+        active: Mutex::new(HashMap::new()),
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -105,6 +116,41 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     endpoint.close(0u32.into(), b"receiver shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Endpoint settings with a stateless-reset key kept in `<dir>/pki/reset.key`.
+///
+/// Keeping the keys across restarts lets a restarted receiver answer packets of
+/// connections it no longer knows with a reset the agent trusts, so agents
+/// reconnect at once instead of waiting out their idle timeout.
+fn endpoint_config(dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = dir.join("pki").join("reset.key");
+    let secret = match std::fs::read(&path) {
+        Ok(s) if s.len() == 32 => s,
+        Ok(_) => anyhow::bail!(
+            "{} is not a 32-byte key; delete it to make a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let s: [u8; 32] = rand::random();
+            crate::fsutil::write_atomic(&path, &s, 0o600)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            s.to_vec()
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display())))
+        }
+    };
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection IDs carry a keyed check; the key must survive restarts too, or
+    // the restarted endpoint drops old connections' packets unanswered.
+    let cid_key = blake3::derive_key("lifeboat receiver connection-id key v1", &secret);
+    let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
 }
 
 fn transport_config() -> quinn::TransportConfig {
@@ -152,13 +198,55 @@ fn peer_server_name(conn: &quinn::Connection) -> anyhow::Result<ServerName> {
 struct ActiveGuard {
     receiver: Arc<Receiver>,
     key: (ServerName, VolumeName),
+    /// `stable_id` of the holding connection: a newer session may have taken over.
+    conn_id: usize,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         if let Ok(mut a) = self.receiver.active.lock() {
-            a.remove(&self.key);
+            if a.get(&self.key).map(|c| c.stable_id()) == Some(self.conn_id) {
+                a.remove(&self.key);
+            }
         }
+    }
+}
+
+/// Claims `key` for `conn`. The server name comes from the certificate, so a
+/// second session for the same volume is the same agent again (typically
+/// restarted after a crash, its old connection not yet timed out): the older
+/// session is closed and, once it has released the volume (bounded wait), the
+/// newer one takes it. Returns false if the volume could not be claimed.
+async fn claim_volume(
+    receiver: &Receiver,
+    key: &(ServerName, VolumeName),
+    conn: &quinn::Connection,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let holder = {
+            let Ok(mut a) = receiver.active.lock() else {
+                return false;
+            };
+            match a.get(key) {
+                Some(old) => old.clone(),
+                None => {
+                    a.insert(key.clone(), conn.clone());
+                    return true;
+                }
+            }
+        };
+        if Instant::now() >= deadline {
+            return false;
+        }
+        if holder.close_reason().is_none() {
+            warn!(volume = %format!("{}/{}", key.0, key.1), "a newer session of the same server takes over the volume; closing the older one");
+            holder.close(
+                6u32.into(),
+                b"superseded by a newer session of the same server",
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -175,7 +263,10 @@ async fn drive_session(
     let mut decoder = FrameDecoder::default();
     let (report_tx, mut report_rx) = mpsc::channel::<Report>(64);
     let mut replica: Option<Arc<Mutex<Replica>>> = None;
-    let mut _guard: Option<ActiveGuard> = None;
+    // Shared with the apply task: the volume is released only once both have
+    // ended, so a newer session never opens the replica while blocks of this
+    // one are still being applied.
+    let mut _guard: Option<Arc<ActiveGuard>> = None;
     let mut apply_tx: Option<mpsc::Sender<VerifiedBlock>> = None;
     let mut durable_count = 0u64;
     let mut volume_label = String::new();
@@ -188,11 +279,11 @@ async fn drive_session(
                     ReceiverEvent::Hello(hello) => {
                         volume_label = format!("{server}/{}", hello.volume);
                         let key = (server.clone(), hello.volume.clone());
-                        if !receiver.active.lock().map(|mut a| a.insert(key.clone())).unwrap_or(false) {
+                        if !claim_volume(&receiver, &key, &conn).await {
                             session.reject(RejectCode::Busy, format!("volume {volume_label} is already being replicated by another session"));
                             continue;
                         }
-                        _guard = Some(ActiveGuard { receiver: receiver.clone(), key });
+                        _guard = Some(Arc::new(ActiveGuard { receiver: receiver.clone(), key, conn_id: conn.stable_id() }));
                         let resize = hello.flags & HELLO_FLAG_RESIZE != 0;
                         match open_replica(&receiver, &server, &hello.volume, hello.geometry, resize).await {
                             Ok(r) => {
@@ -200,7 +291,9 @@ async fn drive_session(
                                 info!(volume = %hello.volume, %geometry, generation, staging = %r.staging_path().display(), "session established");
                                 let r = Arc::new(Mutex::new(r));
                                 let (tx, rx) = mpsc::channel(APPLY_QUEUE_BLOCKS);
-                                tokio::spawn(apply_task(r.clone(), rx, report_tx.clone()).in_current_span());
+                                let held = _guard.clone();
+                                let apply = apply_task(r.clone(), rx, report_tx.clone());
+                                tokio::spawn(async move { apply.await; drop(held) }.in_current_span());
                                 tokio::spawn(accept_data_streams(conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
                                 apply_tx = Some(tx);
                                 replica = Some(r);

@@ -1,1 +1,757 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: they build and locate the real
+//! `lifeboat-agent` and `lifeboat-receiver` binaries, run a receiver on
+//! 127.0.0.1 in a temporary directory, generate deterministic volume images and
+//! run `lifeboat-agent sync` with a bounded wait.
+//!
+//! Every wait here is bounded in time: a hung binary fails the test with what
+//! it printed instead of hanging the suite.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, RngCore, SeedableRng};
+
+/// The block size the tests use unless they say otherwise (the agent's default).
+pub const BLOCK: usize = 64 << 10;
+
+/// How long a `sync` may run before the test kills it and fails.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long `serve` may take to print its "listening on" line.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The source-server name every fixture enrolls.
+pub const SERVER: &str = "web-1";
+
+/// Paths of the two binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `lifeboat-agent`.
+    pub agent: PathBuf,
+    /// `lifeboat-receiver`.
+    pub receiver: PathBuf,
+}
+
+/// Builds the binaries once per test process (with the test's own profile) and
+/// returns their paths. The tests crate cannot use `CARGO_BIN_EXE_*` for other
+/// packages, so it asks cargo to build them into the same target directory.
+pub fn binaries() -> &'static Binaries {
+    static BINS: OnceLock<Binaries> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("cannot locate the test executable");
+        // target/<profile>/deps/<test-exe>
+        let deps = exe.parent().expect("test exe has a parent directory");
+        let profile_dir = deps
+            .parent()
+            .expect("test exe lives in target/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir
+            .parent()
+            .expect("target/<profile> has a parent")
+            .to_path_buf();
+        let release = profile_dir.file_name() == Some(OsStr::new("release"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ sits in the workspace")
+            .join("Cargo.toml");
+        let mut cmd = Command::new(&cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "lifeboat-agent",
+            "-p",
+            "lifeboat-receiver",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build the binaries: {e}"));
+        assert!(
+            out.status.success(),
+            "building lifeboat-agent and lifeboat-receiver failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bins = Binaries {
+            agent: profile_dir.join("lifeboat-agent"),
+            receiver: profile_dir.join("lifeboat-receiver"),
+        };
+        for b in [&bins.agent, &bins.receiver] {
+            assert!(
+                b.is_file(),
+                "cargo build succeeded but {} is missing",
+                b.display()
+            );
+        }
+        bins
+    })
+}
+
+/// Output of a finished command.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The `--json` summary; panics (showing stderr) unless the run succeeded and
+    /// printed one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        assert!(
+            self.status.success(),
+            "sync failed ({}):\nstderr:\n{}\nstdout:\n{}",
+            self.status,
+            self.stderr,
+            self.stdout
+        );
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "sync printed no JSON summary ({e}):\nstdout:\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    /// Panics unless the command failed; returns its stderr.
+    pub fn expect_failure(&self) -> &str {
+        assert!(
+            !self.status.success(),
+            "expected a failure, got success:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        &self.stderr
+    }
+}
+
+/// Reads a `u64` field of a JSON summary, panicking with the summary if absent.
+pub fn field_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("summary has no integer {key:?}: {v}"))
+}
+
+/// Reads a `bool` field of a JSON summary, panicking with the summary if absent.
+pub fn field_bool(v: &serde_json::Value, key: &str) -> bool {
+    v.get(key)
+        .and_then(|x| x.as_bool())
+        .unwrap_or_else(|| panic!("summary has no bool {key:?}: {v}"))
+}
+
+/// A running child whose stdout and stderr are collected by threads.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    started: Instant,
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+impl Running {
+    /// Starts `program args` with piped stdout and stderr.
+    pub fn spawn<I, S>(program: &Path, args: I) -> Running
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdout = collect(child.stdout.take().expect("piped stdout"));
+        let stderr = collect(child.stderr.take().expect("piped stderr"));
+        Running {
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the child has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// How long ago the child was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// SIGKILLs the child (`kill -9`) and collects what it printed.
+    pub fn kill(mut self) -> Outcome {
+        let _ = self.child.kill();
+        self.finish()
+    }
+
+    /// Waits for the child to exit; kills it and panics after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return self.finish(),
+                Ok(None) if Instant::now() >= deadline => {
+                    let out = self.kill();
+                    panic!(
+                        "process did not finish within {timeout:?}; killed it.\nstdout:\n{}\nstderr:\n{}",
+                        out.stdout, out.stderr
+                    );
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("cannot wait for the child: {e}"),
+            }
+        }
+    }
+
+    fn finish(mut self) -> Outcome {
+        let status = self.child.wait().expect("wait for the child");
+        let elapsed = self.started.elapsed();
+        // The pipes close when the child dies; the collectors then finish.
+        let get = |rx: &mpsc::Receiver<String>| {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+        };
+        Outcome {
+            status,
+            stdout: get(&self.stdout),
+            stderr: get(&self.stderr),
+            elapsed,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a command to completion with a bounded wait.
+pub fn run<I, S>(program: &Path, args: I, timeout: Duration) -> Outcome
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Running::spawn(program, args).wait(timeout)
+}
+
+/// Arguments of one `lifeboat-agent sync --json`.
+#[derive(Debug, Clone)]
+pub struct Sync {
+    args: Vec<OsString>,
+}
+
+impl Sync {
+    /// `sync --json --bundle B --volume V --name N --state-dir S`.
+    pub fn new(bundle: &Path, volume: &Path, name: &str, state_dir: &Path) -> Sync {
+        let mut args: Vec<OsString> = vec!["sync".into(), "--json".into()];
+        for (flag, value) in [
+            ("--bundle", bundle.as_os_str()),
+            ("--volume", volume.as_os_str()),
+            ("--name", OsStr::new(name)),
+            ("--state-dir", state_dir.as_os_str()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        Sync { args }
+    }
+
+    /// Adds raw arguments (e.g. `["--max-rate", "16MiB/s"]`).
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Sync {
+        self.args.push(a.as_ref().to_os_string());
+        self
+    }
+
+    /// Starts the agent in the background.
+    pub fn spawn(&self) -> Running {
+        Running::spawn(&binaries().agent, &self.args)
+    }
+
+    /// Runs the agent to completion (at most [`SYNC_TIMEOUT`]).
+    pub fn run(&self) -> Outcome {
+        self.spawn().wait(SYNC_TIMEOUT)
+    }
+}
+
+/// Runs one sync with extra arguments; shorthand for [`Sync`].
+pub fn run_sync(
+    bundle: &Path,
+    volume: &Path,
+    name: &str,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Outcome {
+    extra
+        .iter()
+        .fold(Sync::new(bundle, volume, name, state_dir), |s, a| s.arg(a))
+        .run()
+}
+
+/// A free UDP port on 127.0.0.1 (bound, read, released).
+pub fn free_udp_port() -> u16 {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket on 127.0.0.1");
+    sock.local_addr().expect("local addr").port()
+}
+
+/// A receiver serving on 127.0.0.1 from a temporary directory, with `web-1`
+/// enrolled. Dropping it kills the process.
+#[derive(Debug)]
+pub struct Receiver {
+    /// Keeps the directory alive; everything below lives in it.
+    pub tmp: tempfile::TempDir,
+    /// The receiver directory (`--dir`).
+    pub dir: PathBuf,
+    /// The bundle enrolled for [`SERVER`].
+    pub bundle: PathBuf,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Receiver {
+    /// Initialises a receiver, enrolls [`SERVER`] and starts `serve`.
+    pub fn start() -> Receiver {
+        let mut r = Receiver::init_only();
+        r.serve();
+        r
+    }
+
+    /// Initialises a receiver and enrolls [`SERVER`] without serving.
+    pub fn init_only() -> Receiver {
+        let bins = binaries();
+        let tmp = tempfile::tempdir().expect("create a temp dir");
+        let dir = tmp.path().join("receiver");
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        let out = run(
+            &bins.receiver,
+            [
+                OsStr::new("init"),
+                "--dir".as_ref(),
+                dir.as_os_str(),
+                "--listen".as_ref(),
+                addr.as_ref(),
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "receiver init failed: {}", out.stderr);
+        let bundle = tmp.path().join(format!("{SERVER}.bundle"));
+        let out = run(
+            &bins.receiver,
+            [
+                OsStr::new("enroll"),
+                "--dir".as_ref(),
+                dir.as_os_str(),
+                "--server".as_ref(),
+                SERVER.as_ref(),
+                "--out".as_ref(),
+                bundle.as_os_str(),
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "receiver enroll failed: {}",
+            out.stderr
+        );
+        let log = tmp.path().join("receiver.log");
+        Receiver {
+            tmp,
+            dir,
+            bundle,
+            addr,
+            log,
+            child: None,
+        }
+    }
+
+    /// Starts `serve` on [`Self::addr`] and waits for its "listening on" line.
+    pub fn serve(&mut self) {
+        assert!(self.child.is_none(), "receiver already serving");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the receiver log");
+        let mut child = Command::new(&binaries().receiver)
+            .arg("serve")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start lifeboat-receiver serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Forward lines until the pipe closes, so the receiver never blocks on it.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("listening on ") => break,
+                Ok(_) => continue,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "receiver did not print \"listening on\" within {LISTEN_TIMEOUT:?}; log:\n{}",
+                        self.log()
+                    );
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the receiver (`kill -9`) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts the receiver on the same port after a [`Self::kill9`].
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.serve();
+    }
+
+    /// Whether the serving process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Everything the receiver has logged on stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Polls the log (bounded) until it contains `needle`; returns whether it did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        poll(timeout, || self.log().contains(needle))
+    }
+
+    /// The staging volume of [`SERVER`]'s volume `name`.
+    pub fn staging(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("staging")
+            .join(SERVER)
+            .join(format!("{name}.img"))
+    }
+
+    /// The receiver's state directory of [`SERVER`] (index and journal files).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state").join(SERVER)
+    }
+
+    /// A fresh agent state directory inside the fixture's temp dir.
+    pub fn agent_state(&self, label: &str) -> PathBuf {
+        let p = self.tmp.path().join(format!("agent-state-{label}"));
+        std::fs::create_dir_all(&p).expect("create agent state dir");
+        p
+    }
+
+    /// A path for a volume image inside the fixture's temp dir.
+    pub fn image_path(&self, label: &str) -> PathBuf {
+        self.tmp.path().join(format!("{label}.img"))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Calls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What kind of content a generated block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// All zeros.
+    Zero,
+    /// Incompressible pseudo-random bytes.
+    Random,
+    /// Compressible text: repeated words with numbers.
+    Text,
+}
+
+/// A generated image: the kind of each block.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The file.
+    pub path: PathBuf,
+    /// Block size used to generate it.
+    pub block_size: usize,
+    /// One entry per block.
+    pub kinds: Vec<BlockKind>,
+}
+
+impl Image {
+    /// Size of the image in bytes.
+    pub fn len(&self) -> u64 {
+        (self.kinds.len() * self.block_size) as u64
+    }
+
+    /// Whether the image has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.kinds.is_empty()
+    }
+
+    /// Blocks that are all zeros.
+    pub fn zero_blocks(&self) -> u64 {
+        self.kinds.iter().filter(|k| **k == BlockKind::Zero).count() as u64
+    }
+
+    /// Blocks that are not all zeros.
+    pub fn nonzero_blocks(&self) -> u64 {
+        self.kinds.len() as u64 - self.zero_blocks()
+    }
+}
+
+const WORDS: &[&str] = &[
+    "lifeboat", "replica", "volume", "block", "epoch", "receiver", "agent", "staging", "digest",
+    "journal", "recovery", "snapshot", "region", "server", "quic",
+];
+
+fn text_block(rng: &mut StdRng, buf: &mut [u8]) {
+    // A short line pattern repeated: compressible, never all zeros.
+    let mut pattern = String::new();
+    while pattern.len() < 300 {
+        let w = WORDS[rng.random_range(0..WORDS.len())];
+        pattern.push_str(w);
+        pattern.push(' ');
+        pattern.push_str(&rng.random_range(0..100_000u32).to_string());
+        pattern.push_str(if rng.random_bool(0.2) { "\n" } else { " " });
+    }
+    let p = pattern.as_bytes();
+    for chunk in buf.chunks_mut(p.len()) {
+        chunk.copy_from_slice(&p[..chunk.len()]);
+    }
+}
+
+/// Writes `blocks` blocks of `block_size` bytes: about a third zeros, a third
+/// pseudo-random, a third text-like, chosen per block from `seed`.
+pub fn write_mixed_image(path: &Path, blocks: usize, block_size: usize, seed: u64) -> Image {
+    write_image(path, blocks, block_size, seed, |rng| {
+        match rng.random_range(0..3u8) {
+            0 => BlockKind::Zero,
+            1 => BlockKind::Random,
+            _ => BlockKind::Text,
+        }
+    })
+}
+
+/// Writes an image of which about 90 % of the blocks are pseudo-random and the
+/// rest zeros.
+pub fn write_random_image(path: &Path, blocks: usize, block_size: usize, seed: u64) -> Image {
+    write_image(path, blocks, block_size, seed, |rng| {
+        if rng.random_bool(0.1) {
+            BlockKind::Zero
+        } else {
+            BlockKind::Random
+        }
+    })
+}
+
+fn write_image(
+    path: &Path,
+    blocks: usize,
+    block_size: usize,
+    seed: u64,
+    mut choose: impl FnMut(&mut StdRng) -> BlockKind,
+) -> Image {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kinds = Vec::with_capacity(blocks);
+    let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut w = std::io::BufWriter::with_capacity(4 << 20, file);
+    let mut buf = vec![0u8; block_size];
+    for _ in 0..blocks {
+        let kind = choose(&mut rng);
+        match kind {
+            BlockKind::Zero => buf.fill(0),
+            BlockKind::Random => rng.fill_bytes(&mut buf),
+            BlockKind::Text => text_block(&mut rng, &mut buf),
+        }
+        if kind != BlockKind::Zero {
+            // A random block of all zeros is impossible in practice; make sure.
+            buf[0] |= 1;
+        }
+        w.write_all(&buf).expect("write image");
+        kinds.push(kind);
+    }
+    w.into_inner()
+        .expect("flush image")
+        .sync_all()
+        .expect("sync image");
+    Image {
+        path: path.to_path_buf(),
+        block_size,
+        kinds,
+    }
+}
+
+/// Overwrites `k` distinct blocks, chosen from `seed`, with new pseudo-random
+/// data; returns their indexes, sorted. Updates `image.kinds`.
+pub fn change_blocks(image: &mut Image, k: usize, seed: u64) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut idx: Vec<u64> = sample(&mut rng, image.kinds.len(), k)
+        .into_iter()
+        .map(|i| i as u64)
+        .collect();
+    idx.sort_unstable();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(&image.path)
+        .expect("open image for writing");
+    let mut buf = vec![0u8; image.block_size];
+    for &i in &idx {
+        rng.fill_bytes(&mut buf);
+        buf[0] |= 1;
+        f.seek(SeekFrom::Start(i * image.block_size as u64))
+            .expect("seek");
+        f.write_all(&buf).expect("write block");
+        image.kinds[i as usize] = BlockKind::Random;
+    }
+    f.sync_all().expect("sync image");
+    idx
+}
+
+/// BLAKE3 of a whole file, read in 1 MiB chunks.
+pub fn file_digest(path: &Path) -> blake3::Hash {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            return h.finalize();
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// The index of the first 64 KiB block where `a` and `b` differ (or where one
+/// ends), if any.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let mut fa = BufReader::new(File::open(a).expect("open a"));
+    let mut fb = BufReader::new(File::open(b).expect("open b"));
+    let mut ba = vec![0u8; BLOCK];
+    let mut bb = vec![0u8; BLOCK];
+    for i in 0u64.. {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            return Some(i);
+        }
+        if na == 0 {
+            return None;
+        }
+    }
+    None
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]).expect("read") {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// Asserts that `replica` is byte-identical to `source` (same length, same
+/// digest), naming the first differing 64 KiB block otherwise.
+pub fn assert_identical(source: &Path, replica: &Path) {
+    let sl = std::fs::metadata(source).expect("stat source").len();
+    let rl = std::fs::metadata(replica)
+        .unwrap_or_else(|e| panic!("stat replica {}: {e}", replica.display()))
+        .len();
+    assert_eq!(
+        rl,
+        sl,
+        "replica {} has {rl} bytes, source {sl}",
+        replica.display()
+    );
+    if file_digest(source) != file_digest(replica) {
+        panic!(
+            "replica {} differs from source {}: first differing 64 KiB block is {:?}",
+            replica.display(),
+            source.display(),
+            first_difference(source, replica)
+        );
+    }
+}
