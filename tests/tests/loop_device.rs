@@ -18,8 +18,12 @@ impl Drop for LoopDevice {
 }
 
 fn attach(image: &Path) -> Result<LoopDevice, String> {
+    attach_with(image, &["-f", "--show", "--read-only"])
+}
+
+fn attach_with(image: &Path, args: &[&str]) -> Result<LoopDevice, String> {
     let out = Command::new("losetup")
-        .args(["-f", "--show", "--read-only"])
+        .args(args)
         .arg(image)
         .output()
         .map_err(|e| format!("cannot run losetup: {e}"))?;
@@ -36,17 +40,24 @@ fn attach(image: &Path) -> Result<LoopDevice, String> {
     Ok(LoopDevice(PathBuf::from(dev)))
 }
 
-#[test]
-fn loop_device_source() {
+/// Why loop devices cannot be used here, if they cannot.
+fn loop_unavailable() -> Option<String> {
     let uid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(u32::MAX);
     if uid != 0 {
-        println!("SKIP loop_device_source: not running as root (uid {uid})");
-        return;
+        return Some(format!("not running as root (uid {uid})"));
     }
     if Command::new("losetup").arg("--version").output().is_err() {
-        println!("SKIP loop_device_source: losetup not found");
+        return Some("losetup not found".into());
+    }
+    None
+}
+
+#[test]
+fn loop_device_source() {
+    if let Some(reason) = loop_unavailable() {
+        println!("SKIP loop_device_source: {reason}");
         return;
     }
     let rx = Receiver::start();
@@ -80,6 +91,64 @@ fn loop_device_source() {
 
     // A second pass from the device sends nothing.
     let again = run_sync(&rx.bundle, &dev.0, "data", &state, &[]).json();
+    assert_eq!(field_u64(&again, "changed_blocks"), 0, "{again}");
+    drop(dev);
+}
+
+/// The staging volume may be a block device configured per volume in
+/// receiver.toml. The device starts full of garbage: the receiver must hash
+/// it (it has no index for it), so every block that differs from the source,
+/// zero blocks included, is sent and written.
+#[test]
+fn loop_device_staging_target() {
+    if let Some(reason) = loop_unavailable() {
+        println!("SKIP loop_device_staging_target: {reason}");
+        return;
+    }
+    let mut rx = Receiver::init_only();
+    let image = write_mixed_image(&rx.image_path("src"), 96, BLOCK, 0x5eed_0002);
+    // A device larger than the source, filled with a non-zero pattern.
+    let backing = rx.tmp.path().join("staging-device.raw");
+    std::fs::write(
+        &backing,
+        vec![0xa5u8; (image.len() + 8 * BLOCK as u64) as usize],
+    )
+    .expect("write the staging device's backing file");
+    let dev = match attach_with(&backing, &["-f", "--show"]) {
+        Ok(d) => d,
+        Err(reason) => {
+            println!("SKIP loop_device_staging_target: {reason}");
+            return;
+        }
+    };
+    let config = rx.dir.join("receiver.toml");
+    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
+    text.push_str(&format!(
+        "\n[[volume]]\nserver = \"web-1\"\nvolume = \"data\"\npath = \"{}\"\n",
+        dev.0.display()
+    ));
+    std::fs::write(&config, text).expect("write receiver.toml");
+    rx.serve();
+
+    let state = rx.agent_state("t");
+    let summary = run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
+    // Nothing on the device matched the source, so every block was sent.
+    assert_eq!(field_u64(&summary, "changed_blocks"), 96, "{summary}");
+    assert!(
+        !rx.staging("data").exists(),
+        "the default staging file must not be used when a device is configured"
+    );
+    let written = std::fs::read(&backing).expect("read the staging device's backing file");
+    let source = std::fs::read(&image.path).expect("read the source");
+    assert!(
+        written[..source.len()] == source[..],
+        "staging device differs from the source"
+    );
+    assert!(
+        written[source.len()..].iter().all(|&b| b == 0xa5),
+        "bytes past the volume's end on the staging device were touched"
+    );
+    let again = run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
     assert_eq!(field_u64(&again, "changed_blocks"), 0, "{again}");
     drop(dev);
 }
