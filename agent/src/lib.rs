@@ -8,10 +8,13 @@
 //! - [`sync`]: one replication pass, tying them together.
 #![deny(unsafe_code)]
 
+pub mod freeze;
 pub mod progress;
+pub mod run;
 pub mod scan;
 pub mod state;
 pub mod sync;
 pub mod tls;
+pub mod tracking;
 pub mod transport;
 pub mod volume;

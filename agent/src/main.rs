@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -36,6 +37,70 @@ enum Command {
     /// Run one replication pass: scan the volume, send every block the receiver
     /// lacks, and wait until the receiver reports them durable.
     Sync(SyncArgs),
+    /// Replicate continuously until stopped (SIGTERM or Ctrl-C stop cleanly):
+    /// an initial sync or rescan, then every change, in crash-consistent epochs.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Enrollment bundle written by `lifeboat-receiver enroll`.
+    #[arg(long, value_name = "FILE")]
+    bundle: PathBuf,
+    /// A volume to replicate (block device or regular file); repeat with a
+    /// `--name` for each.
+    #[arg(long, value_name = "PATH", required = true)]
+    volume: Vec<PathBuf>,
+    /// The name of each `--volume` on the receiver, in the same order.
+    #[arg(long, required = true)]
+    name: Vec<VolumeName>,
+    /// Block size of new replicas [default: the last sync's, or 64KiB].
+    #[arg(long, value_name = "SIZE")]
+    block_size: Option<BlockSize>,
+    /// Directory for the agent's indexes and dirty sets.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Close an epoch at least this often while there are changes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    epoch_interval: Duration,
+    /// Interval of full scans where writes cannot be tracked (regular files,
+    /// no tracepoint access).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    scan_interval: Duration,
+    /// Always use periodic scans, even where tracepoints work.
+    #[arg(long)]
+    scan_only: bool,
+    /// Freeze each volume's mounted filesystem (FIFREEZE/FITHAW) briefly at
+    /// every consistency point, so epochs are filesystem-consistent.
+    #[arg(long)]
+    freeze: bool,
+    /// Lag above which the state is BACKLOG.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    lag_threshold: Duration,
+    /// Time with changes but no durable epoch after which the state is STALLED.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    stall_after: Duration,
+    /// Accept volumes whose size or block size changed, re-seeding their replicas.
+    #[arg(long)]
+    resize: bool,
+    /// Limit the data sent per volume, e.g. 50MiB/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_rate: Option<u64>,
+    /// Parallel QUIC data streams per volume.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+    /// Threads hashing and compressing during full passes [default: the number of cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: {e} (e.g. 500ms, 1s, 2m)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be above zero"));
+    }
+    Ok(d)
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +156,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Sync(args) => run_sync(args),
+        Command::Run(args) => run_continuous(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,6 +212,80 @@ fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
         print_summary(&summary);
     }
     Ok(())
+}
+
+fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
+    if args.volume.len() != args.name.len() {
+        anyhow::bail!(
+            "{} --volume but {} --name: give one --name for each --volume",
+            args.volume.len(),
+            args.name.len()
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for n in &args.name {
+        if !seen.insert(n.clone()) {
+            anyhow::bail!("volume name {n} is given twice");
+        }
+    }
+    let text = std::fs::read_to_string(&args.bundle)
+        .with_context(|| format!("cannot read bundle {}", args.bundle.display()))?;
+    let bundle = Bundle::from_toml(&text)
+        .with_context(|| format!("bundle {} is unusable", args.bundle.display()))?;
+    let mut scan = ScanOptions::default();
+    if let Some(t) = args.threads {
+        scan.threads = t.max(1);
+    }
+    let volumes = args
+        .volume
+        .iter()
+        .zip(&args.name)
+        .map(|(v, n)| SyncOptions {
+            bundle: bundle.clone(),
+            volume_path: v.clone(),
+            name: n.clone(),
+            block_size: args.block_size,
+            state_dir: args.state_dir.clone(),
+            resize: args.resize,
+            max_rate: args.max_rate,
+            streams: args.streams as usize,
+            connect_attempts: u32::MAX,
+            scan: scan.clone(),
+            window_bytes: 64 << 20,
+        })
+        .collect();
+    let ro = lifeboat_agent::run::RunOptions {
+        epoch_interval: args.epoch_interval,
+        scan_interval: args.scan_interval,
+        lag_threshold: args.lag_threshold,
+        stall_after: args.stall_after,
+        force_scan: args.scan_only,
+        freeze: args.freeze,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot listen for SIGTERM: {e}");
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stop requested");
+            let _ = tx.send(true);
+        });
+        lifeboat_agent::run::run(volumes, ro, rx).await
+    })
 }
 
 fn print_summary(s: &SyncSummary) {

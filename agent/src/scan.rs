@@ -200,9 +200,8 @@ pub fn scan_volume(
                 let last = (first + blocks_per_chunk).min(total);
                 let offset = geometry.block_range(first).start;
                 let end = geometry.block_range(last - 1).end;
-                let mut buf = vec![0u8; (end - offset) as usize];
-                volume.read_at(&mut buf, offset, first)?;
-                if work_tx.send((first, Bytes::from(buf))).is_err() {
+                let buf = volume.read_bytes(offset, (end - offset) as usize, first)?;
+                if work_tx.send((first, buf)).is_err() {
                     return Ok(());
                 }
                 first = last;
@@ -261,6 +260,89 @@ pub fn diff_parallel(
         }
         sum
     })
+}
+
+/// Reads the listed blocks (sorted by index, each with its reference digest),
+/// and sends those whose digest differs from the reference to `out`. Used for
+/// the blocks a change tracker marked dirty; contiguous blocks are read
+/// together. Runs on the calling thread.
+pub fn scan_blocks(
+    volume: &SourceVolume,
+    geometry: VolumeGeometry,
+    blocks: &[(u64, BlockHash)],
+    opts: &ScanOptions,
+    stats: &ScanStats,
+    stop: &AtomicBool,
+    out: &tokio::sync::mpsc::Sender<ChangedBlock>,
+) -> Result<(), VolumeError> {
+    let bs = geometry.block_size.bytes();
+    let zero_digest = zero_hash(bs);
+    let mut encoder = BlockEncoder::new(opts.zstd_level);
+    let max_run = (opts.chunk_bytes / bs).max(1);
+    let mut i = 0;
+    while i < blocks.len() {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // A run of consecutive block indexes, read with one call.
+        let mut j = i + 1;
+        while j < blocks.len() && j - i < max_run && blocks[j].0 == blocks[j - 1].0 + 1 {
+            j += 1;
+        }
+        let first = blocks[i].0;
+        let start = geometry.block_range(first).start;
+        let end = geometry.block_range(blocks[j - 1].0).end;
+        let chunk = volume.read_bytes(start, (end - start) as usize, first)?;
+        // diff_chunk indexes the reference from the run's first block.
+        let reference: Vec<BlockHash> = blocks[i..j].iter().map(|(_, d)| *d).collect();
+        let mut failed = false;
+        let counts = diff_chunk(
+            &geometry,
+            0,
+            &chunk,
+            &reference,
+            &zero_digest,
+            |rel, digest, bytes, zero| {
+                let index = first + rel;
+                let (encoding, payload) = if zero {
+                    (Encoding::Zero, Bytes::new())
+                } else {
+                    match encoder.encode(bytes) {
+                        (Encoding::Raw, _) => {
+                            let off = (rel as usize) * bs;
+                            (Encoding::Raw, chunk.slice(off..off + bytes.len()))
+                        }
+                        other => other,
+                    }
+                };
+                let block = ChangedBlock {
+                    index,
+                    digest,
+                    encoding,
+                    raw_len: bytes.len() as u32,
+                    payload,
+                };
+                if out.blocking_send(block).is_err() {
+                    failed = true;
+                }
+            },
+        );
+        stats
+            .scanned_blocks
+            .fetch_add(counts.blocks, Ordering::Relaxed);
+        stats
+            .scanned_bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        stats.zero_blocks.fetch_add(counts.zero, Ordering::Relaxed);
+        stats
+            .changed_blocks
+            .fetch_add(counts.changed, Ordering::Relaxed);
+        if failed {
+            return Ok(());
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::BytesMut;
 use lifeboat_protocol::codec;
+pub use lifeboat_protocol::frame::{AgentStatus, ReplicationState, TrackingMode};
 use lifeboat_protocol::frame::{BlockFrame, Hello, Welcome, PROTOCOL_VERSION};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::index::HashIndex;
@@ -40,7 +41,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::progress::Progress;
-use crate::scan::{scan_volume, ChangedBlock, ScanOptions, ScanStats};
+use crate::scan::{scan_blocks, scan_volume, ChangedBlock, ScanOptions, ScanStats};
 use crate::state;
 use crate::transport::{self, Link, LinkError, WireBlock};
 use crate::volume::SourceVolume;
@@ -109,191 +110,461 @@ pub struct SyncSummary {
     pub duration_s: f64,
 }
 
-/// Runs one pass; returns when every changed block is durable on the receiver.
-pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
-    let started = Instant::now();
-    let server = opts.bundle.server.clone();
-    let volume = Arc::new(SourceVolume::open(&opts.volume_path)?);
-    let index_path = state::index_path(&opts.state_dir, &server, &opts.name);
-    let local = state::load_index(&index_path);
-    let block_size = opts
-        .block_size
-        .or(local.as_ref().map(|ix| ix.geometry.block_size))
-        .unwrap_or_default();
-    let geometry = VolumeGeometry::new(volume.size(), block_size)?;
-    if let Some(ix) = &local {
-        if ix.geometry != geometry && !opts.resize {
-            bail!(
-                "volume {} changed since the last sync: it was {}, it is now {}; \
-                 run again with --resize to re-seed the replica with the new geometry",
-                opts.volume_path.display(),
-                ix.geometry,
-                geometry
-            );
-        }
-    }
-    info!(volume = %opts.volume_path.display(), name = %opts.name, %geometry, "starting sync pass");
+/// What a pass sends and how the receiver must apply it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassMode {
+    /// Resync traffic (initial sync, rescan): blocks carry epoch 0 and are
+    /// applied in place as they arrive; the replica is consistent again when
+    /// the pass's closing flush completes. Unacknowledged blocks are kept and
+    /// resent after a reconnect.
+    Resync,
+    /// A continuous epoch: blocks carry the epoch number and the receiver
+    /// applies them all or none. An interrupted epoch is abandoned by the
+    /// receiver, so the caller sends it again (by rereading the blocks).
+    Atomic,
+}
 
-    let hello = Hello {
-        min_version: lifeboat_protocol::frame::MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        volume: opts.name.clone(),
-        geometry,
-        digest_algorithm: 1,
-        flags: if opts.resize {
-            lifeboat_protocol::frame::HELLO_FLAG_RESIZE
-        } else {
-            0
-        },
-    };
-    let endpoint = transport::client_endpoint(&opts.bundle)?;
-    let addr: SocketAddr = transport::resolve(&opts.bundle.receiver).await?;
+/// Which blocks a pass looks at.
+#[derive(Clone, Debug)]
+pub enum Producer {
+    /// Every block of the volume, compared with the reference.
+    FullScan,
+    /// These blocks only (sorted, distinct), compared with the reference.
+    Blocks(Vec<u64>),
+    /// Blocks already read and compared (see [`Replicator::prepare_blocks`]).
+    Prepared(Vec<ChangedBlock>),
+}
 
-    let mut summary = SyncSummary {
-        server: server.to_string(),
-        volume: opts.name.to_string(),
-        volume_bytes: geometry.volume_bytes,
-        block_size: block_size.get(),
-        blocks: geometry.block_count(),
-        ..Default::default()
-    };
+/// What one pass did.
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    /// Blocks looked at.
+    pub scanned_blocks: u64,
+    /// Blocks that differed and were sent.
+    pub changed_blocks: u64,
+    /// All-zero blocks seen.
+    pub zero_blocks: u64,
+    /// The epoch the pass closed.
+    pub epoch: u64,
+}
 
-    // First connection and the reference digests.
-    let (mut link, welcome) = connect(&endpoint, addr, &opts, &hello, &mut summary).await?;
-    let volume_id = welcome.volume_id;
-    let mut index = match local {
-        Some(ix)
-            if ix.volume_id == welcome.volume_id
-                && ix.generation == welcome.generation
-                && ix.geometry == geometry =>
-        {
-            debug!(
-                generation = ix.generation,
-                "local index matches the receiver"
-            );
-            ix
-        }
-        _ => {
-            info!(
-                blocks = geometry.block_count(),
-                "local index missing or stale: fetching the receiver's digests"
-            );
-            summary.fetched_digests = true;
-            let digests = fetch_digests(&mut link, geometry.block_count()).await?;
-            HashIndex {
-                geometry,
-                volume_id,
-                generation: welcome.generation,
-                durable_epoch: welcome.durable_epoch,
-                digests,
+/// How the agent describes itself in `Status` frames while a pass runs.
+#[derive(Clone, Copy, Debug)]
+pub struct StatusTemplate {
+    /// State reported while the pass runs.
+    pub state: ReplicationState,
+    /// How changes are tracked.
+    pub tracking: TrackingMode,
+    /// Scan interval in periodic-scan mode.
+    pub scan_interval_s: u32,
+    /// Lag to report (the age of the oldest change the pass carries).
+    pub oldest_change: Option<Instant>,
+    /// Backlog bytes besides the pass's own unsent part.
+    pub extra_backlog: u64,
+}
+
+/// One volume's replication to the receiver: the source volume, the reference
+/// digests, and the connection (reopened as needed).
+pub struct Replicator {
+    opts: SyncOptions,
+    volume: Arc<SourceVolume>,
+    geometry: VolumeGeometry,
+    index_path: PathBuf,
+    /// The reference: the receiver's digest of every block, as acknowledged.
+    index: HashIndex,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    hello: Hello,
+    link: Option<Link>,
+    /// Counters since [`Replicator::open`].
+    pub summary: SyncSummary,
+    next_epoch: u64,
+    replica_epoch_at_open: u64,
+    rate: Option<RateLimiter>,
+    last_save: Instant,
+}
+
+impl Replicator {
+    /// Opens the volume, connects and settles the reference digests.
+    pub async fn open(opts: SyncOptions) -> anyhow::Result<Replicator> {
+        let server = opts.bundle.server.clone();
+        let volume = Arc::new(SourceVolume::open(&opts.volume_path)?);
+        let index_path = state::index_path(&opts.state_dir, &server, &opts.name);
+        let local = state::load_index(&index_path);
+        let block_size = opts
+            .block_size
+            .or(local.as_ref().map(|ix| ix.geometry.block_size))
+            .unwrap_or_default();
+        let geometry = VolumeGeometry::new(volume.size(), block_size)?;
+        if let Some(ix) = &local {
+            if ix.geometry != geometry && !opts.resize {
+                bail!(
+                    "volume {} changed since the last sync: it was {}, it is now {}; \
+                     run again with --resize to re-seed the replica with the new geometry",
+                    opts.volume_path.display(),
+                    ix.geometry,
+                    geometry
+                );
             }
         }
-    };
-    let epoch = welcome.durable_epoch + 1;
-
-    // Start the scan against the reference.
-    let stats = Arc::new(ScanStats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
-    let scan_task = {
-        let volume = volume.clone();
-        let reference = index.digests.clone();
-        let stats = stats.clone();
-        let stop = stop.clone();
-        let scan_opts = opts.scan.clone();
-        tokio::task::spawn_blocking(move || {
-            scan_volume(
-                &volume,
-                geometry,
-                &reference,
-                &scan_opts,
-                &stats,
-                &stop,
-                &changed_tx,
-            )
-        })
-    };
-    let progress = Progress::new(geometry.volume_bytes, stats.clone());
-
-    let mut pass = PassState {
-        epoch,
-        in_flight: BTreeMap::new(),
-        in_flight_bytes: 0,
-        scan_done: false,
-        flush_seq: None,
-        last_save: Instant::now(),
-        rate: opts.max_rate.map(RateLimiter::new),
-    };
-    let result = loop {
-        match drive(
-            &mut link,
-            &mut pass,
-            &mut index,
-            &mut changed_rx,
-            &opts,
-            &mut summary,
-            &index_path,
-        )
-        .await
-        {
-            Ok(generation) => break Ok(generation),
-            Err(LinkError::Fatal(e)) => break Err(e),
-            Err(LinkError::Lost(e)) => {
-                warn!(error = %format!("{e:#}"), in_flight = pass.in_flight.len(), "connection to the receiver lost; reconnecting");
-                link.abandon();
-                // Save what was acknowledged so far before anything else can fail.
-                save_quietly(&index_path, &index);
-                let (new_link, welcome) =
-                    match connect(&endpoint, addr, &opts, &hello, &mut summary).await {
-                        Ok(x) => x,
-                        Err(e) => break Err(e),
-                    };
-                if welcome.volume_id != volume_id {
-                    break Err(anyhow::anyhow!(
-                        "the receiver's replica of {} was recreated during the pass; run sync again",
-                        opts.name
-                    ));
+        let hello = Hello {
+            min_version: lifeboat_protocol::frame::MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            volume: opts.name.clone(),
+            geometry,
+            digest_algorithm: 1,
+            flags: if opts.resize {
+                lifeboat_protocol::frame::HELLO_FLAG_RESIZE
+            } else {
+                0
+            },
+        };
+        let endpoint = transport::client_endpoint(&opts.bundle)?;
+        let addr: SocketAddr = transport::resolve(&opts.bundle.receiver).await?;
+        let mut summary = SyncSummary {
+            server: server.to_string(),
+            volume: opts.name.to_string(),
+            volume_bytes: geometry.volume_bytes,
+            block_size: block_size.get(),
+            blocks: geometry.block_count(),
+            ..Default::default()
+        };
+        let (mut link, welcome) = connect(&endpoint, addr, &opts, &hello, &mut summary).await?;
+        let index = match local {
+            Some(ix)
+                if ix.volume_id == welcome.volume_id
+                    && ix.generation == welcome.generation
+                    && ix.geometry == geometry =>
+            {
+                debug!(
+                    generation = ix.generation,
+                    "local index matches the receiver"
+                );
+                ix
+            }
+            _ => {
+                info!(
+                    blocks = geometry.block_count(),
+                    "local index missing or stale: fetching the receiver's digests"
+                );
+                summary.fetched_digests = true;
+                let digests = fetch_digests(&mut link, geometry.block_count()).await?;
+                HashIndex {
+                    geometry,
+                    volume_id: welcome.volume_id,
+                    generation: welcome.generation,
+                    durable_epoch: welcome.durable_epoch,
+                    digests,
                 }
-                link = new_link;
-                pass.flush_seq = None;
-                // Everything not yet durable is sent again, in block order.
-                let frames: Vec<WireBlock> =
-                    pass.in_flight.values().map(|f| f.frame.clone()).collect();
-                for frame in frames {
-                    summary.resent_blocks += 1;
-                    summary.sent_blocks += 1;
-                    if link.send_block(frame).await.is_err() {
-                        break;
+            }
+        };
+        Ok(Replicator {
+            rate: opts.max_rate.map(RateLimiter::new),
+            opts,
+            volume,
+            geometry,
+            index_path,
+            index,
+            endpoint,
+            addr,
+            hello,
+            link: Some(link),
+            summary,
+            next_epoch: welcome.durable_epoch + 1,
+            replica_epoch_at_open: welcome.durable_epoch,
+            last_save: Instant::now(),
+        })
+    }
+
+    /// The volume's geometry.
+    pub fn geometry(&self) -> VolumeGeometry {
+        self.geometry
+    }
+
+    /// The source volume.
+    pub fn volume(&self) -> &SourceVolume {
+        &self.volume
+    }
+
+    /// Whether the replica had completed a pass before this agent connected
+    /// (so a full pass now is a rescan, not the initial sync).
+    pub fn replica_was_complete(&self) -> bool {
+        self.replica_epoch_at_open > 0
+    }
+
+    /// Last epoch the receiver made durable.
+    pub fn durable_epoch(&self) -> u64 {
+        self.index.durable_epoch
+    }
+
+    /// Saves the agent index durably.
+    pub fn save_index(&self) -> anyhow::Result<()> {
+        state::save_index(&self.index_path, &self.index)
+    }
+
+    /// Reads `blocks` now and keeps those that differ from the reference, for a
+    /// later [`Producer::Prepared`] pass (used while a filesystem is frozen).
+    pub fn prepare_blocks(&self, blocks: &[u64]) -> anyhow::Result<Vec<ChangedBlock>> {
+        let wanted: Vec<(u64, BlockHash)> = blocks
+            .iter()
+            .filter(|&&b| self.geometry.contains(b))
+            .map(|&b| (b, self.index.digests[b as usize]))
+            .collect();
+        let (tx, mut rx) = mpsc::channel(wanted.len() + 1);
+        let stats = ScanStats::default();
+        scan_blocks(
+            &self.volume,
+            self.geometry,
+            &wanted,
+            &self.opts.scan,
+            &stats,
+            &AtomicBool::new(false),
+            &tx,
+        )?;
+        drop(tx);
+        let mut out = Vec::with_capacity(wanted.len());
+        while let Ok(b) = rx.try_recv() {
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// Makes sure a connection is open, reconnecting with bounded backoff.
+    pub async fn ensure_connected(&mut self) -> anyhow::Result<()> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let (link, welcome) = connect(
+            &self.endpoint,
+            self.addr,
+            &self.opts,
+            &self.hello,
+            &mut self.summary,
+        )
+        .await?;
+        if welcome.volume_id != self.index.volume_id {
+            bail!(
+                "the receiver's replica of {} was recreated; restart the agent to re-seed it",
+                self.opts.name
+            );
+        }
+        self.next_epoch = self.next_epoch.max(welcome.durable_epoch + 1);
+        self.link = Some(link);
+        Ok(())
+    }
+
+    fn drop_link(&mut self) {
+        if let Some(mut link) = self.link.take() {
+            link.abandon();
+        }
+    }
+
+    /// Sends a status report if connected (best effort).
+    pub async fn report_status(&mut self, status: AgentStatus) {
+        if let Some(link) = self.link.as_mut() {
+            link.session.report_status(status);
+            if link.flush_control().await.is_err() {
+                self.drop_link();
+            }
+        }
+    }
+
+    /// Runs one pass: sends every block of `producer` that differs from the
+    /// reference, then closes an epoch; returns once the receiver made it
+    /// durable. In [`PassMode::Resync`] a lost connection is reopened and the
+    /// unacknowledged blocks resent; in [`PassMode::Atomic`] it fails the pass
+    /// (the receiver drops the partial epoch) and the caller retries.
+    pub async fn pass(
+        &mut self,
+        producer: Producer,
+        mode: PassMode,
+        status: Option<StatusTemplate>,
+        show_progress: bool,
+    ) -> anyhow::Result<PassReport> {
+        self.ensure_connected().await?;
+        let epoch = self.next_epoch;
+        let stats = Arc::new(ScanStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
+        let total_blocks = match &producer {
+            Producer::FullScan => self.geometry.block_count(),
+            Producer::Blocks(b) => b.len() as u64,
+            Producer::Prepared(b) => b.len() as u64,
+        };
+        let producer_task = {
+            let volume = self.volume.clone();
+            let geometry = self.geometry;
+            let stats = stats.clone();
+            let stop = stop.clone();
+            let scan_opts = self.opts.scan.clone();
+            match producer {
+                Producer::FullScan => {
+                    let reference = self.index.digests.clone();
+                    tokio::task::spawn_blocking(move || {
+                        scan_volume(
+                            &volume,
+                            geometry,
+                            &reference,
+                            &scan_opts,
+                            &stats,
+                            &stop,
+                            &changed_tx,
+                        )
+                    })
+                }
+                Producer::Prepared(blocks) => tokio::task::spawn_blocking(move || {
+                    for b in blocks {
+                        stats.scanned_blocks.fetch_add(1, Ordering::Relaxed);
+                        stats.changed_blocks.fetch_add(1, Ordering::Relaxed);
+                        if changed_tx.blocking_send(b).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                }),
+                Producer::Blocks(blocks) => {
+                    let wanted: Vec<(u64, BlockHash)> = blocks
+                        .into_iter()
+                        .filter(|&b| geometry.contains(b))
+                        .map(|b| (b, self.index.digests[b as usize]))
+                        .collect();
+                    tokio::task::spawn_blocking(move || {
+                        scan_blocks(
+                            &volume,
+                            geometry,
+                            &wanted,
+                            &scan_opts,
+                            &stats,
+                            &stop,
+                            &changed_tx,
+                        )
+                    })
+                }
+            }
+        };
+        let progress = show_progress.then(|| {
+            Progress::new(
+                total_blocks * self.geometry.block_size.get() as u64,
+                stats.clone(),
+            )
+        });
+        let mut pass = PassState {
+            epoch,
+            block_epoch: if mode == PassMode::Atomic { epoch } else { 0 },
+            mode,
+            in_flight: BTreeMap::new(),
+            in_flight_bytes: 0,
+            scan_done: false,
+            flush_seq: None,
+            status,
+            total_blocks,
+            stats: stats.clone(),
+            last_status: Instant::now() - Duration::from_secs(10),
+        };
+        let result = loop {
+            let Some(link) = self.link.as_mut() else {
+                break Err(anyhow::anyhow!("not connected"));
+            };
+            let driven = drive(
+                link,
+                &mut pass,
+                &mut self.index,
+                &mut changed_rx,
+                &self.opts,
+                &mut self.summary,
+                &self.index_path,
+                &mut self.rate,
+                &mut self.last_save,
+            )
+            .await;
+            match driven {
+                Ok(generation) => break Ok(generation),
+                Err(LinkError::Fatal(e)) => break Err(e),
+                Err(LinkError::Lost(e)) => {
+                    warn!(error = %format!("{e:#}"), in_flight = pass.in_flight.len(), "connection to the receiver lost");
+                    self.drop_link();
+                    save_quietly(&self.index_path, &self.index);
+                    if mode == PassMode::Atomic {
+                        break Err(anyhow::Error::new(EpochInterrupted).context(format!("{e:#}")));
+                    }
+                    if let Err(e) = self.ensure_connected().await {
+                        break Err(e);
+                    }
+                    pass.flush_seq = None;
+                    // Everything not yet durable is sent again, in block order.
+                    let frames: Vec<WireBlock> = pass
+                        .in_flight
+                        .values()
+                        .filter_map(|f| f.frame.clone())
+                        .collect();
+                    let link = self.link.as_mut().expect("just connected");
+                    for frame in frames {
+                        self.summary.resent_blocks += 1;
+                        self.summary.sent_blocks += 1;
+                        if link.send_block(frame).await.is_err() {
+                            break;
+                        }
                     }
                 }
             }
+        };
+        stop.store(true, Ordering::Relaxed);
+        if let Some(p) = &progress {
+            p.finish();
         }
-    };
-    stop.store(true, Ordering::Relaxed);
-    progress.finish();
-    let generation = match result {
-        Ok(g) => g,
-        Err(e) => {
-            save_quietly(&index_path, &index);
-            drop(changed_rx);
-            let _ = scan_task.await;
-            return Err(e);
-        }
-    };
-    scan_task
-        .await
-        .context("scan thread panicked")?
-        .context("scan failed")?;
-    index.generation = generation;
-    index.durable_epoch = epoch;
-    state::save_index(&index_path, &index)?;
-    link.close().await;
-    endpoint.wait_idle().await;
+        let generation = match result {
+            Ok(g) => g,
+            Err(e) => {
+                drop(changed_rx);
+                let _ = producer_task.await;
+                return Err(e);
+            }
+        };
+        producer_task
+            .await
+            .context("scan thread panicked")?
+            .context("scan failed")?;
+        self.index.generation = generation;
+        self.index.durable_epoch = epoch;
+        self.next_epoch = epoch + 1;
+        self.save_index()?;
+        let report = PassReport {
+            scanned_blocks: stats.scanned_blocks.load(Ordering::Relaxed),
+            changed_blocks: stats.changed_blocks.load(Ordering::Relaxed),
+            zero_blocks: stats.zero_blocks.load(Ordering::Relaxed),
+            epoch,
+        };
+        self.summary.changed_blocks += report.changed_blocks;
+        self.summary.zero_blocks = report.zero_blocks;
+        self.summary.generation = generation;
+        Ok(report)
+    }
 
-    summary.changed_blocks = stats.changed_blocks.load(Ordering::Relaxed);
-    summary.zero_blocks = stats.zero_blocks.load(Ordering::Relaxed);
-    summary.generation = generation;
+    /// Ends the session cleanly.
+    pub async fn close(mut self) {
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// An atomic epoch was cut short by a lost connection; send it again.
+#[derive(Debug, thiserror::Error)]
+#[error("epoch interrupted by a lost connection")]
+pub struct EpochInterrupted;
+
+/// Runs one `sync` pass; returns when every changed block is durable on the receiver.
+pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
+    let started = Instant::now();
+    info!(volume = %opts.volume_path.display(), name = %opts.name, "starting sync pass");
+    let mut replicator = Replicator::open(opts).await?;
+    replicator
+        .pass(Producer::FullScan, PassMode::Resync, None, true)
+        .await?;
+    let mut summary = replicator.summary.clone();
+    replicator.close().await;
     summary.duration_s = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -301,18 +572,54 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
 /// A block sent and not yet acknowledged.
 struct InFlight {
     digest: BlockHash,
-    frame: WireBlock,
+    /// Kept for resending after a reconnect (resync passes only).
+    frame: Option<WireBlock>,
 }
 
 /// State of the pass that survives reconnects.
 struct PassState {
     epoch: u64,
+    block_epoch: u64,
+    mode: PassMode,
     in_flight: BTreeMap<u64, InFlight>,
     in_flight_bytes: usize,
     scan_done: bool,
     flush_seq: Option<u64>,
-    last_save: Instant,
-    rate: Option<RateLimiter>,
+    status: Option<StatusTemplate>,
+    total_blocks: u64,
+    stats: Arc<ScanStats>,
+    last_status: Instant,
+}
+
+impl PassState {
+    fn status(&self, block_size: u64) -> Option<AgentStatus> {
+        let t = self.status?;
+        let scanned = self.stats.scanned_blocks.load(Ordering::Relaxed);
+        let progress = if self.total_blocks == 0 {
+            1.0
+        } else {
+            scanned as f64 / self.total_blocks as f64
+        };
+        let unsent = self.total_blocks.saturating_sub(scanned) * block_size;
+        Some(AgentStatus {
+            state: t.state,
+            progress_ppm: (progress.clamp(0.0, 1.0) * 1_000_000.0) as u32,
+            lag_ms: t
+                .oldest_change
+                .map_or(0, |o| o.elapsed().as_millis() as u64),
+            backlog_bytes: t.extra_backlog + unsent + self.in_flight.len() as u64 * block_size,
+            tracking: t.tracking,
+            scan_interval_s: t.scan_interval_s,
+            sent_at_unix_ms: unix_ms(),
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Opens a connection with bounded retries and exponential backoff.
@@ -399,6 +706,7 @@ fn save_quietly(path: &std::path::Path, index: &HashIndex) {
 
 /// Drives one connection until the pass is complete (returns the receiver's
 /// final generation) or the connection fails.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     link: &mut Link,
     pass: &mut PassState,
@@ -407,17 +715,31 @@ async fn drive(
     opts: &SyncOptions,
     summary: &mut SyncSummary,
     index_path: &std::path::Path,
+    rate: &mut Option<RateLimiter>,
+    last_save: &mut Instant,
 ) -> Result<u64, LinkError> {
+    let block_size = index.geometry.block_size.get() as u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if pass.scan_done && pass.flush_seq.is_none() {
             pass.flush_seq = Some(link.session.flush(Some(pass.epoch)));
             link.flush_control().await?;
         }
-        if pass.last_save.elapsed() > Duration::from_secs(5) {
-            pass.last_save = Instant::now();
+        if last_save.elapsed() > Duration::from_secs(5) {
+            *last_save = Instant::now();
             save_quietly(index_path, index);
         }
-        let room = pass.in_flight_bytes < opts.window_bytes;
+        if pass.last_status.elapsed() >= Duration::from_secs(1) {
+            pass.last_status = Instant::now();
+            if let Some(status) = pass.status(block_size) {
+                link.session.report_status(status);
+                link.flush_control().await?;
+            }
+        }
+        // Atomic epochs are acknowledged only as a whole, after the flush, so
+        // no window applies to them (their frames are not kept either).
+        let room = pass.mode == PassMode::Atomic || pass.in_flight_bytes < opts.window_bytes;
         tokio::select! {
             biased;
             event = link.next_event() => {
@@ -427,7 +749,7 @@ async fn drive(
                         for r in ranges {
                             for i in r.start..r.start.saturating_add(r.len as u64) {
                                 if let Some(f) = pass.in_flight.remove(&i) {
-                                    pass.in_flight_bytes -= f.frame.len();
+                                    pass.in_flight_bytes -= f.frame.as_ref().map_or(0, WireBlock::len);
                                     if let Some(slot) = index.digests.get_mut(i as usize) {
                                         *slot = f.digest;
                                     }
@@ -462,19 +784,21 @@ async fn drive(
                 match block {
                     None => pass.scan_done = true,
                     Some(b) => {
-                        if let Some(rate) = pass.rate.as_mut() {
+                        if let Some(rate) = rate.as_mut() {
                             rate.take(b.payload.len()).await;
                         }
                         summary.changed_bytes += b.raw_len as u64;
                         summary.sent_bytes += b.payload.len() as u64;
                         summary.sent_blocks += 1;
-                        let frame = encode_block(&b, pass.epoch);
-                        pass.in_flight_bytes += frame.len();
-                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, frame: frame.clone() });
+                        let frame = encode_block(&b, pass.block_epoch);
+                        let kept = (pass.mode == PassMode::Resync).then(|| frame.clone());
+                        pass.in_flight_bytes += kept.as_ref().map_or(0, WireBlock::len);
+                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, frame: kept });
                         link.send_block(frame).await?;
                     }
                 }
             }
+            _ = ticker.tick() => {}
         }
         if link.session.state() == SessionState::Closed {
             return Err(LinkError::Lost(anyhow::anyhow!("session closed")));

@@ -57,13 +57,16 @@ pub struct SourceVolume {
 impl SourceVolume {
     /// Opens `path` read-only and measures its size (block devices by seeking to
     /// their end, which works without an ioctl).
+    ///
+    /// A block device is opened with `O_DIRECT`: a filesystem mounted on it
+    /// writes file data around the device's page cache, so a cached read could
+    /// return data older than a write the tracker already reported.
     pub fn open(path: &Path) -> Result<Self, VolumeError> {
         let open_err = |source| VolumeError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = File::open(path).map_err(open_err)?;
-        let ft = file.metadata().map_err(open_err)?.file_type();
+        let ft = std::fs::metadata(path).map_err(open_err)?.file_type();
         let kind = if ft.is_file() {
             VolumeKind::File
         } else if ft.is_block_device() {
@@ -71,6 +74,13 @@ impl SourceVolume {
         } else {
             return Err(VolumeError::NotAVolume(path.to_path_buf()));
         };
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true);
+        if kind == VolumeKind::BlockDevice {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.custom_flags(nix::libc::O_DIRECT);
+        }
+        let mut file = options.open(path).map_err(open_err)?;
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         if size == 0 {
             return Err(VolumeError::Empty(path.to_path_buf()));
@@ -98,8 +108,25 @@ impl SourceVolume {
         self.kind
     }
 
+    /// Reads `len` bytes at `offset` into a new buffer; `block` names the first
+    /// block for the error message. The buffer is aligned for `O_DIRECT`
+    /// (offsets are block-aligned and block devices are sized in sectors).
+    pub fn read_bytes(
+        &self,
+        offset: u64,
+        len: usize,
+        block: u64,
+    ) -> Result<bytes::Bytes, VolumeError> {
+        const ALIGN: usize = 4096;
+        let mut buf = vec![0u8; len + ALIGN];
+        let skew = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        self.read_at(&mut buf[skew..skew + len], offset, block)?;
+        Ok(bytes::Bytes::from(buf).slice(skew..skew + len))
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`; `block` names the first block
-    /// for the error message.
+    /// for the error message. For a block device `buf` must be sector-aligned
+    /// (see [`SourceVolume::read_bytes`]).
     pub fn read_at(&self, buf: &mut [u8], offset: u64, block: u64) -> Result<(), VolumeError> {
         self.file
             .read_exact_at(buf, offset)

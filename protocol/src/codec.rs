@@ -19,9 +19,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::block::Encoding;
 use crate::frame::{
-    BlockFrame, BlockRange, Frame, FrameType, Hello, Reject, RejectCode, Welcome,
-    MAX_AGENT_VERSION_LEN, MAX_BLOCK_LEN, MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MAX_MESSAGE_LEN,
-    MAX_RANGES_PER_FRAME,
+    AgentStatus, BlockFrame, BlockRange, Frame, FrameType, Hello, Reject, RejectCode,
+    ReplicationState, TrackingMode, Welcome, MAX_AGENT_VERSION_LEN, MAX_BLOCK_LEN,
+    MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MAX_MESSAGE_LEN, MAX_RANGES_PER_FRAME, PROGRESS_PPM_MAX,
 };
 use crate::geometry::{BlockSize, GeometryError, VolumeGeometry};
 use crate::hash::BlockHash;
@@ -288,6 +288,16 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u64_le(*durable_epoch);
         }
         Frame::Goodbye => {}
+        Frame::Status(st) => {
+            debug_assert!(st.progress_ppm <= PROGRESS_PPM_MAX);
+            dst.put_u8(st.state as u8);
+            dst.put_u32_le(st.progress_ppm);
+            dst.put_u64_le(st.lag_ms);
+            dst.put_u64_le(st.backlog_bytes);
+            dst.put_u8(st.tracking as u8);
+            dst.put_u32_le(st.scan_interval_s);
+            dst.put_u64_le(st.sent_at_unix_ms);
+        }
         Frame::Block(_) => unreachable!("handled above"),
     }
     let len = (dst.len() - start - LEN_PREFIX) as u32;
@@ -600,6 +610,29 @@ pub fn parse(mut frame: Bytes) -> Result<Frame, FrameError> {
             durable_epoch: r.u64("durable_epoch")?,
         },
         FrameType::Goodbye => Frame::Goodbye,
+        FrameType::Status => {
+            let bad = |field, value: u64| FrameError::BadValue { kind, field, value };
+            let state = r.u8("state")?;
+            let state = ReplicationState::from_u8(state).ok_or(bad("state", state as u64))?;
+            let progress_ppm = r.u32("progress_ppm")?;
+            if progress_ppm > PROGRESS_PPM_MAX {
+                return Err(bad("progress_ppm", progress_ppm as u64));
+            }
+            let lag_ms = r.u64("lag_ms")?;
+            let backlog_bytes = r.u64("backlog_bytes")?;
+            let tracking = r.u8("tracking")?;
+            let tracking =
+                TrackingMode::from_u8(tracking).ok_or(bad("tracking", tracking as u64))?;
+            Frame::Status(AgentStatus {
+                state,
+                progress_ppm,
+                lag_ms,
+                backlog_bytes,
+                tracking,
+                scan_interval_s: r.u32("scan_interval_s")?,
+                sent_at_unix_ms: r.u64("sent_at_unix_ms")?,
+            })
+        }
     };
     r.finish()?;
     Ok(parsed)
@@ -748,6 +781,24 @@ mod tests {
                 durable_epoch: 7,
             },
             Frame::Goodbye,
+            Frame::Status(AgentStatus {
+                state: ReplicationState::Continuous,
+                progress_ppm: PROGRESS_PPM_MAX,
+                lag_ms: 250,
+                backlog_bytes: u64::MAX,
+                tracking: TrackingMode::Tracepoints,
+                scan_interval_s: 0,
+                sent_at_unix_ms: 1_700_000_000_000,
+            }),
+            Frame::Status(AgentStatus {
+                state: ReplicationState::InitialSync,
+                progress_ppm: 0,
+                lag_ms: 0,
+                backlog_bytes: 0,
+                tracking: TrackingMode::PeriodicScan,
+                scan_interval_s: u32::MAX,
+                sent_at_unix_ms: 0,
+            }),
         ]
     }
 
@@ -817,7 +868,7 @@ mod tests {
 
     #[test]
     fn unknown_type_rejected_before_body() {
-        for t in [0u8, 12, 200, 255] {
+        for t in [0u8, 13, 200, 255] {
             let mut hdr = 100u32.to_le_bytes().to_vec();
             hdr.push(t);
             assert_eq!(check(&hdr), Err(FrameError::UnknownType(t)));
@@ -928,6 +979,40 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn status_fields_out_of_domain_rejected() {
+        let Some(f @ Frame::Status(_)) = samples().into_iter().last() else {
+            unreachable!()
+        };
+        let good = encode_to_bytes(&f).to_vec();
+        // Body: state u8 at 5, progress_ppm u32 at 6..10, ..., tracking u8 at 26.
+        for (at, bytes, field, value) in [
+            (5, vec![0u8], "state", 0u64),
+            (5, vec![6u8], "state", 6),
+            (
+                6,
+                (PROGRESS_PPM_MAX + 1).to_le_bytes().to_vec(),
+                "progress_ppm",
+                1_000_001,
+            ),
+            (26, vec![3u8], "tracking", 3),
+        ] {
+            let mut bad = good.clone();
+            bad[at..at + bytes.len()].copy_from_slice(&bytes);
+            assert_eq!(
+                parse(Bytes::from(bad)),
+                Err(FrameError::BadValue {
+                    kind: "Status",
+                    field,
+                    value
+                })
+            );
+        }
+        let mut ok = good.clone();
+        ok[6..10].copy_from_slice(&PROGRESS_PPM_MAX.to_le_bytes());
+        assert!(matches!(parse(Bytes::from(ok)), Ok(Frame::Status(_))));
     }
 
     #[test]

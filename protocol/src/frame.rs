@@ -37,6 +37,18 @@
 //! | 9 | `Flush` | agent→receiver | seq u64, blocks_sent u64, has_close u8 (0/1), [close_epoch u64 if 1] |
 //! | 10 | `Flushed` | receiver→agent | seq u64, generation u64, durable_epoch u64 |
 //! | 11 | `Goodbye` | agent→receiver | (empty) |
+//! | 12 | `Status` | agent→receiver | state u8 (1–5, [`ReplicationState`]), progress_ppm u32 (≤ 1 000 000), lag_ms u64, backlog_bytes u64, tracking u8 (0–2, [`TrackingMode`]), scan_interval_s u32, sent_at_unix_ms u64 |
+//!
+//! # Epochs
+//!
+//! A `Block` frame's `epoch` says how the receiver applies it. Epoch
+//! [`RESYNC_EPOCH`] (0) is resync traffic (initial sync, rescan): applied in
+//! place in batches and acknowledged as soon as it is durable; the replica is
+//! inconsistent until the pass's closing `Flush`. An epoch `E >= 1` is a
+//! *continuous* epoch, applied atomically: the agent sends all its blocks, then
+//! `Flush { close_epoch: Some(E) }`, and nothing more until `Flushed`; the
+//! receiver journals the blocks and writes them in place only once the whole
+//! epoch is there, so its staging volume is always at an epoch boundary.
 //!
 //! A `Block` frame's payload must match its encoding: `Raw` carries exactly
 //! `raw_len` bytes, `Zero` carries none, `Zstd` carries a zstd frame (checked when
@@ -69,6 +81,11 @@ pub const MAX_AGENT_VERSION_LEN: usize = 64;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// `Hello::digest_algorithm` value for BLAKE3, the only one defined.
 pub const DIGEST_BLAKE3: u8 = 1;
+/// `Block::epoch` of resync traffic (initial sync, rescan); continuous epochs
+/// are numbered from 1.
+pub const RESYNC_EPOCH: u64 = 0;
+/// Largest `AgentStatus::progress_ppm` (100 %).
+pub const PROGRESS_PPM_MAX: u32 = 1_000_000;
 /// `Hello::flags` bit: the agent knows the volume was resized and asks the
 /// receiver to adopt the new geometry instead of rejecting a mismatch.
 pub const HELLO_FLAG_RESIZE: u32 = 1;
@@ -135,6 +152,104 @@ pub enum Frame {
     },
     /// Agent→receiver: clean end of the session.
     Goodbye,
+    /// Agent→receiver: how replication of the volume is going, as the agent
+    /// sees it (sent now and then; the receiver records it for `status`).
+    Status(AgentStatus),
+}
+
+/// Replication state of a volume as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReplicationState {
+    /// The first full pass over the volume is running.
+    InitialSync = 1,
+    /// A full scan (after lost change events or an unclean stop) is running.
+    Rescan = 2,
+    /// Changes are tracked and shipped in epochs; lag is below the threshold.
+    Continuous = 3,
+    /// Continuous, but lag is above the threshold.
+    Backlog = 4,
+    /// Blocks are dirty but nothing has become durable for a while.
+    Stalled = 5,
+}
+
+impl ReplicationState {
+    /// The state for a wire byte, if any.
+    pub fn from_u8(v: u8) -> Option<ReplicationState> {
+        Some(match v {
+            1 => ReplicationState::InitialSync,
+            2 => ReplicationState::Rescan,
+            3 => ReplicationState::Continuous,
+            4 => ReplicationState::Backlog,
+            5 => ReplicationState::Stalled,
+            _ => return None,
+        })
+    }
+
+    /// The upper-case name `status` shows (`INITIAL_SYNC`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicationState::InitialSync => "INITIAL_SYNC",
+            ReplicationState::Rescan => "RESCAN",
+            ReplicationState::Continuous => "CONTINUOUS",
+            ReplicationState::Backlog => "BACKLOG",
+            ReplicationState::Stalled => "STALLED",
+        }
+    }
+}
+
+/// How the agent learns which blocks changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TrackingMode {
+    /// No tracking: one pass (`lifeboat-agent sync`).
+    OneShot = 0,
+    /// Kernel block-layer tracepoints.
+    Tracepoints = 1,
+    /// Periodic full scans (tracepoints unavailable, or a regular file).
+    PeriodicScan = 2,
+}
+
+impl TrackingMode {
+    /// The mode for a wire byte, if any.
+    pub fn from_u8(v: u8) -> Option<TrackingMode> {
+        Some(match v {
+            0 => TrackingMode::OneShot,
+            1 => TrackingMode::Tracepoints,
+            2 => TrackingMode::PeriodicScan,
+            _ => return None,
+        })
+    }
+
+    /// The name `status` shows (`one-shot`, `tracepoints`, `periodic-scan`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackingMode::OneShot => "one-shot",
+            TrackingMode::Tracepoints => "tracepoints",
+            TrackingMode::PeriodicScan => "periodic-scan",
+        }
+    }
+}
+
+/// The agent's report on a volume's replication ([`Frame::Status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Where replication is.
+    pub state: ReplicationState,
+    /// Progress of the running pass in millionths (0..=[`PROGRESS_PPM_MAX`]);
+    /// meaningful in `InitialSync` and `Rescan`.
+    pub progress_ppm: u32,
+    /// Age of the oldest write not yet durable on the receiver, in ms (0 when
+    /// everything is durable).
+    pub lag_ms: u64,
+    /// Bytes dirty and not yet acknowledged.
+    pub backlog_bytes: u64,
+    /// How changes are tracked.
+    pub tracking: TrackingMode,
+    /// Interval of periodic scans in seconds (0 unless `PeriodicScan`).
+    pub scan_interval_s: u32,
+    /// The agent's clock when it sent the report, ms since the Unix epoch.
+    pub sent_at_unix_ms: u64,
 }
 
 /// First frame of a session: who the agent is and which volume it replicates.
@@ -305,6 +420,8 @@ pub enum FrameType {
     Flushed = 10,
     /// [`Frame::Goodbye`].
     Goodbye = 11,
+    /// [`Frame::Status`].
+    Status = 12,
 }
 
 impl FrameType {
@@ -322,6 +439,7 @@ impl FrameType {
             9 => FrameType::Flush,
             10 => FrameType::Flushed,
             11 => FrameType::Goodbye,
+            12 => FrameType::Status,
             _ => return None,
         })
     }
@@ -340,6 +458,7 @@ impl FrameType {
             FrameType::Flush => "Flush",
             FrameType::Flushed => "Flushed",
             FrameType::Goodbye => "Goodbye",
+            FrameType::Status => "Status",
         }
     }
 
@@ -370,6 +489,7 @@ impl FrameType {
             FrameType::Flush => 1 + 8 + 8 + 1 + 8,
             FrameType::Flushed => 1 + 8 + 8 + 8,
             FrameType::Goodbye => 1,
+            FrameType::Status => 1 + 1 + 4 + 8 + 8 + 1 + 4 + 8,
         }
     }
 }
@@ -389,6 +509,7 @@ impl Frame {
             Frame::Flush { .. } => FrameType::Flush,
             Frame::Flushed { .. } => FrameType::Flushed,
             Frame::Goodbye => FrameType::Goodbye,
+            Frame::Status(_) => FrameType::Status,
         }
     }
 

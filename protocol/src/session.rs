@@ -38,8 +38,8 @@
 //!                     └──────── reject() ──→ Closed ←──────────────────┘   violation
 //! ```
 //!
-//! In `Established` the agent may send `DigestRequest`, `Flush` and finally
-//! `Goodbye`; the receiver sends `Digests`, `Durable`, `BlockRejected` and
+//! In `Established` the agent may send `DigestRequest`, `Flush`, `Status` and
+//! finally `Goodbye`; the receiver sends `Digests`, `Durable`, `BlockRejected` and
 //! `Flushed`. `Block` frames never travel on the control stream.
 //!
 //! # Flushes and parallel data streams
@@ -59,7 +59,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::frame::{
-    BlockFrame, BlockRange, Frame, Hello, Reject, RejectCode, Welcome, DIGEST_BLAKE3,
+    AgentStatus, BlockFrame, BlockRange, Frame, Hello, Reject, RejectCode, Welcome, DIGEST_BLAKE3,
     MAX_DIGESTS_PER_FRAME, MAX_RANGES_PER_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::geometry::VolumeGeometry;
@@ -158,6 +158,8 @@ pub enum ReceiverEvent {
     },
     /// This epoch is now durable: persist it before sending the queued Flushed.
     EpochDurable(u64),
+    /// The agent reported how replication is going.
+    Status(AgentStatus),
     /// The agent ended the session cleanly.
     Goodbye,
 }
@@ -248,7 +250,8 @@ impl AgentSession {
                 Frame::Hello(_)
                 | Frame::DigestRequest { .. }
                 | Frame::Flush { .. }
-                | Frame::Goodbye,
+                | Frame::Goodbye
+                | Frame::Status(_),
             ) => self.violation(format!("{kind} frame is not sent to an agent")),
             (SessionState::Handshaking, Frame::Welcome(w)) => {
                 if w.version < self.hello.min_version || w.version > self.hello.max_version {
@@ -413,6 +416,16 @@ impl AgentSession {
         seq
     }
 
+    /// Queues a [`Frame::Status`] report for the receiver. Before the Welcome
+    /// only the latest report waits for it (an older one would be stale by then);
+    /// after `goodbye` it is dropped.
+    pub fn report_status(&mut self, status: AgentStatus) {
+        if self.state == SessionState::Handshaking {
+            self.deferred.retain(|f| !matches!(f, Frame::Status(_)));
+        }
+        self.queue(Frame::Status(status));
+    }
+
     /// Flushes sent and not yet answered.
     pub fn flushes_pending(&self) -> usize {
         self.pending_flushes.len()
@@ -553,6 +566,10 @@ impl ReceiverSession {
                 Ok(())
             }
             (Phase::AwaitAccept, _) => self.violation(format!("{kind} frame before Welcome")),
+            (Phase::Established, Frame::Status(st)) => {
+                self.events.push_back(ReceiverEvent::Status(st));
+                Ok(())
+            }
             (Phase::Established, Frame::DigestRequest { start, count }) => {
                 let blocks = self.geometry.map_or(0, |g| g.block_count());
                 if count > MAX_DIGESTS_PER_FRAME

@@ -4,8 +4,8 @@ use bytes::{Bytes, BytesMut};
 use lifeboat_protocol::block::{BlockDecoder, BlockEncoder, Encoding};
 use lifeboat_protocol::codec::{check, encode, parse, FrameDecoder};
 use lifeboat_protocol::frame::{
-    BlockFrame, BlockRange, Frame, FrameType, Hello, Reject, RejectCode, Welcome,
-    MAX_DIGESTS_PER_FRAME,
+    AgentStatus, BlockFrame, BlockRange, Frame, FrameType, Hello, Reject, RejectCode,
+    ReplicationState, TrackingMode, Welcome, MAX_DIGESTS_PER_FRAME, PROGRESS_PPM_MAX,
 };
 use lifeboat_protocol::{BlockHash, BlockSize, ServerName, VolumeGeometry, VolumeName};
 use proptest::prelude::*;
@@ -53,6 +53,31 @@ fn block() -> impl Strategy<Value = BlockFrame> {
                 payload,
             }
         })
+}
+
+fn agent_status() -> impl Strategy<Value = AgentStatus> {
+    (
+        1u8..=5,
+        0..=PROGRESS_PPM_MAX,
+        any::<u64>(),
+        any::<u64>(),
+        0u8..=2,
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(state, progress_ppm, lag_ms, backlog_bytes, tracking, scan_interval_s, sent_at)| {
+                AgentStatus {
+                    state: ReplicationState::from_u8(state).unwrap(),
+                    progress_ppm,
+                    lag_ms,
+                    backlog_bytes,
+                    tracking: TrackingMode::from_u8(tracking).unwrap(),
+                    scan_interval_s,
+                    sent_at_unix_ms: sent_at,
+                }
+            },
+        )
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
@@ -137,6 +162,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         }),
         Just(Frame::Goodbye),
+        agent_status().prop_map(Frame::Status),
     ]
 }
 
@@ -169,7 +195,7 @@ proptest! {
 
     #[test]
     fn typed_headers_with_random_bodies_never_panic(
-        ty in 1u8..=11,
+        ty in 1u8..=12,
         body in proptest::collection::vec(any::<u8>(), 0..600),
     ) {
         let mut b = ((body.len() + 1) as u32).to_le_bytes().to_vec();
@@ -211,6 +237,40 @@ proptest! {
         }
         prop_assert_eq!(got, frames);
         prop_assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn status_decodes_only_in_domain_values(
+        state in any::<u8>(),
+        progress in any::<u32>(),
+        tracking in any::<u8>(),
+        rest in any::<(u64, u64, u32, u64)>(),
+    ) {
+        let mut b = 35u32.to_le_bytes().to_vec();
+        b.push(FrameType::Status as u8);
+        b.push(state);
+        b.extend_from_slice(&progress.to_le_bytes());
+        b.extend_from_slice(&rest.0.to_le_bytes());
+        b.extend_from_slice(&rest.1.to_le_bytes());
+        b.push(tracking);
+        b.extend_from_slice(&rest.2.to_le_bytes());
+        b.extend_from_slice(&rest.3.to_le_bytes());
+        let valid = (1..=5).contains(&state) && progress <= PROGRESS_PPM_MAX && tracking <= 2;
+        match parse(Bytes::from(b)) {
+            Ok(Frame::Status(s)) => {
+                prop_assert!(valid);
+                prop_assert_eq!(s.state as u8, state);
+                prop_assert_eq!(s.progress_ppm, progress);
+                prop_assert_eq!(s.tracking as u8, tracking);
+                prop_assert_eq!((s.lag_ms, s.backlog_bytes, s.scan_interval_s, s.sent_at_unix_ms), rest);
+            }
+            Ok(other) => prop_assert!(false, "parsed as {:?}", other),
+            Err(e) => {
+                prop_assert!(!valid, "valid status refused: {}", e);
+                let is_bad_value = matches!(e, lifeboat_protocol::FrameError::BadValue { kind: "Status", .. });
+                prop_assert!(is_bad_value);
+            }
+        }
     }
 
     #[test]

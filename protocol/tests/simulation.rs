@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use lifeboat_protocol::block::{verify, BlockDecoder, BlockEncoder};
 use lifeboat_protocol::codec::{encode, FrameDecoder};
-use lifeboat_protocol::frame::{BlockFrame, BlockRange, Frame, Hello, RejectCode, DIGEST_BLAKE3};
+use lifeboat_protocol::frame::{
+    AgentStatus, BlockFrame, BlockRange, Frame, Hello, RejectCode, ReplicationState, TrackingMode,
+    DIGEST_BLAKE3,
+};
 use lifeboat_protocol::session::{
     AgentEvent, AgentSession, ReceiverEvent, ReceiverSession, SessionError, SessionState,
     HANDSHAKE_TIMEOUT,
@@ -739,5 +742,93 @@ fn count_based_flush_needs_a_send_barrier() {
     assert!(
         flushed,
         "count-based flush answered although block A is not durable"
+    );
+}
+
+fn status(state: ReplicationState, progress_ppm: u32) -> AgentStatus {
+    AgentStatus {
+        state,
+        progress_ppm,
+        lag_ms: 120,
+        backlog_bytes: 1 << 20,
+        tracking: TrackingMode::Tracepoints,
+        scan_interval_s: 0,
+        sent_at_unix_ms: 1_700_000_000_000,
+    }
+}
+
+#[test]
+fn status_reports_wait_for_welcome_and_only_the_latest_is_held() {
+    let now = Instant::now();
+    let mut agent = AgentSession::new(hello(1, 1), now);
+    let mut receiver = ReceiverSession::new(server(), now);
+    agent.report_status(status(ReplicationState::InitialSync, 0));
+    agent.report_status(status(ReplicationState::InitialSync, 10));
+    pump(&mut agent, &mut receiver, now);
+    let Some(ReceiverEvent::Hello(h)) = receiver.poll_event() else {
+        panic!("no Hello event")
+    };
+    assert_eq!(
+        receiver.poll_event(),
+        None,
+        "status travelled before Welcome"
+    );
+    receiver.accept([0; 16], 0, 0, h.geometry);
+    pump(&mut agent, &mut receiver, now);
+    assert_eq!(
+        receiver.poll_event(),
+        Some(ReceiverEvent::Status(status(
+            ReplicationState::InitialSync,
+            10
+        )))
+    );
+    assert_eq!(receiver.poll_event(), None);
+    agent.report_status(status(ReplicationState::Continuous, 1_000_000));
+    agent.report_status(status(ReplicationState::Backlog, 1_000_000));
+    pump(&mut agent, &mut receiver, now);
+    assert_eq!(
+        receiver.poll_event(),
+        Some(ReceiverEvent::Status(status(
+            ReplicationState::Continuous,
+            1_000_000
+        )))
+    );
+    assert_eq!(
+        receiver.poll_event(),
+        Some(ReceiverEvent::Status(status(
+            ReplicationState::Backlog,
+            1_000_000
+        )))
+    );
+    agent.goodbye();
+    agent.report_status(status(ReplicationState::Continuous, 0));
+    pump(&mut agent, &mut receiver, now);
+    assert_eq!(receiver.poll_event(), Some(ReceiverEvent::Goodbye));
+    assert_eq!(receiver.poll_event(), None, "status after goodbye was sent");
+}
+
+#[test]
+fn status_frames_out_of_place_are_violations_or_ignored() {
+    let now = Instant::now();
+    let st = Frame::Status(status(ReplicationState::Rescan, 5));
+    let mut r = ReceiverSession::new(server(), now);
+    assert_violation(r.handle_frame(st.clone(), now), "Status frame before Hello");
+    let mut r = ReceiverSession::new(server(), now);
+    r.handle_frame(Frame::Hello(hello(1, 1)), now).unwrap();
+    assert_violation(
+        r.handle_frame(st.clone(), now),
+        "Status frame before Welcome",
+    );
+    // After the session closed, a late report is dropped silently.
+    let (_, mut r, now) = established();
+    r.handle_frame(Frame::Goodbye, now).unwrap();
+    assert_eq!(r.poll_event(), Some(ReceiverEvent::Goodbye));
+    assert_eq!(r.handle_frame(st.clone(), now), Ok(()));
+    assert_eq!(r.poll_event(), None);
+    // An agent is never sent one.
+    let (mut a, _, now) = established();
+    assert_violation(
+        a.handle_frame(st, now),
+        "Status frame is not sent to an agent",
     );
 }

@@ -7,3 +7,4 @@ pub mod pki;
 pub mod replica;
 pub mod server;
 pub mod staging;
+pub mod status;

@@ -46,6 +46,22 @@ enum Command {
     Enroll(EnrollArgs),
     /// Accept agents and apply their blocks to staging volumes.
     Serve(ServeArgs),
+    /// Show the replication status of every volume: state, progress, lag,
+    /// backlog, last durable epoch, last contact. Reads only the status files
+    /// under DIR/state, so it works whether `serve` runs or not. An unreadable
+    /// status file shows as a row in state UNKNOWN naming the file (and a
+    /// warning on stderr); the exit code stays 0.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// Receiver directory (made by `init`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Print a JSON array, one object per volume, sorted by server and volume.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +129,7 @@ fn main() -> ExitCode {
         Command::Init(args) => init(&args),
         Command::Enroll(args) => enroll(&args),
         Command::Serve(args) => serve(&args),
+        Command::Status(args) => status(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -281,6 +298,27 @@ fn enroll(args: &EnrollArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `status`: reads the status files; stale connected sessions show as
+/// DISCONNECTED (see `lifeboat_receiver::status`).
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    use lifeboat_receiver::status::{read_statuses, render_table, unix_ms, StatusRow};
+    let now = unix_ms(std::time::SystemTime::now());
+    let rows = read_statuses(&args.dir, now)
+        .with_context(|| format!("cannot read the status of {}", args.dir.display()))?;
+    for row in &rows {
+        if let StatusRow::Unreadable { error, .. } = row {
+            eprintln!("warning: {error}");
+        }
+    }
+    if args.json {
+        let all: Vec<serde_json::Value> = rows.iter().map(StatusRow::to_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", render_table(&rows));
+    }
+    Ok(())
+}
+
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -316,6 +354,12 @@ mod tests {
         assert!(matches!(cli.log_format, LogFormat::Json));
         assert!(matches!(cli.command, Command::Init(InitArgs { ref sans, .. }) if sans.len() == 2));
         // A bad server name is a usage error, before any work.
+        let cli =
+            Cli::try_parse_from(["lifeboat-receiver", "status", "--dir", "d", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status(StatusArgs { json: true, .. })
+        ));
         assert!(Cli::try_parse_from([
             "lifeboat-receiver",
             "enroll",

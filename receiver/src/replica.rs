@@ -25,11 +25,56 @@
 //! ## Journal record format (little-endian)
 //! `magic "LBJ1"` · `u64 generation` · `u32 count` · `count × u64 block index` ·
 //! first 16 bytes of BLAKE3 over everything before.
+//!
+//! ## Epochs: resync traffic and atomic continuous epochs
+//! A block of epoch 0 ([`RESYNC_EPOCH`]) is resync traffic (initial sync,
+//! rescan) and goes through [`Replica::apply`] as above: in place, acknowledged
+//! once fsynced. The staging volume is inconsistent until the pass ends anyway.
+//!
+//! A block of epoch `E >= 1` belongs to a *continuous* epoch, which must reach
+//! the staging volume all at once: the staging volume equals the source at an
+//! epoch boundary at every instant, even across `kill -9`. So:
+//!
+//! 1. [`Replica::stage_epoch_blocks`] appends the blocks — index, digest and
+//!    data — to the *epoch journal* (`state/<server>/<volume>.epoch`) and
+//!    `fdatasync`s it, once per batch. Nothing is written in place and nothing
+//!    is acknowledged.
+//! 2. [`Replica::commit_epoch`] (once the agent's closing `Flush` is here and
+//!    every block it covers is journaled) appends a *commit record* for `E` and
+//!    `fdatasync`s it — this is the atomic point —, then writes the blocks in
+//!    place (the last copy of a block sent twice wins), `fdatasync`s the staging
+//!    volume, updates the index (digests, generation + 1, `durable_epoch = E`),
+//!    commits it (`write_atomic`) and truncates the epoch journal. Only then
+//!    are the blocks reported durable and the `Flushed` sent.
+//! 3. At [`Replica::open`] an epoch journal that ends in a valid commit record
+//!    is replayed in place (idempotent: same data, same places) and truncated;
+//!    one without a commit record is discarded, so the staging volume stays at
+//!    the previous boundary. A torn or corrupt tail ends the journal there.
+//!
+//! Order rules, enforced as [`ReplicaError::EpochOrder`] (the agent broke the
+//! protocol; the session ends and the open epoch is discarded): at most one
+//! epoch is open; its number is above the durable epoch; no epoch-0 block
+//! arrives while an epoch is open (the agent flushes resync traffic before its
+//! first continuous epoch and keeps a send barrier after each closing flush).
+//! Epoch-0 blocks before an epoch opens are ordinary applies: every in-place
+//! write of theirs precedes the epoch's journal records.
+//!
+//! Blocks are read back from the epoch journal at commit (usually from the page
+//! cache), so memory holds only a small entry per staged block.
+//!
+//! ## Epoch journal record format (little-endian)
+//! `magic "LBE1"` · `u8 kind` (1 data, 2 zero block, 3 commit) · `u64 epoch` ·
+//! `u64 index` (for a commit: the number of block records of the epoch) ·
+//! `32-byte digest` (zeros for a commit) · `u32 len` · `len` data bytes (kind 1
+//! only) · first 16 bytes of BLAKE3 over everything before.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use lifeboat_protocol::frame::RESYNC_EPOCH;
 use lifeboat_protocol::hash::{is_all_zero, zero_hash, BlockHash};
 use lifeboat_protocol::index::HashIndex;
 use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
@@ -41,6 +86,16 @@ use crate::staging::{BlockSink, StagingError, StagingVolume};
 const JOURNAL_MAGIC: [u8; 4] = *b"LBJ1";
 /// Commit the index once the journal names this many blocks.
 const JOURNAL_COMMIT_BLOCKS: usize = 65_536;
+
+const EPOCH_MAGIC: [u8; 4] = *b"LBE1";
+const EPOCH_KIND_DATA: u8 = 1;
+const EPOCH_KIND_ZERO: u8 = 2;
+const EPOCH_KIND_COMMIT: u8 = 3;
+/// magic · kind · epoch · index · digest · len.
+const EPOCH_HEADER_LEN: usize = 4 + 1 + 8 + 8 + 32 + 4;
+const EPOCH_SUM_LEN: usize = 16;
+/// Largest data length an epoch record may claim (a 4 MiB block).
+const EPOCH_MAX_DATA: usize = lifeboat_protocol::frame::MAX_BLOCK_LEN as usize;
 
 /// Errors opening or applying to a replica.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +115,10 @@ pub enum ReplicaError {
     /// The staging volume failed.
     #[error(transparent)]
     Staging(#[from] StagingError),
+    /// The agent sent epochs out of order (a protocol violation, not a storage
+    /// failure): see the module docs.
+    #[error("epoch order violated: {0}")]
+    EpochOrder(String),
     /// The index or journal could not be read or written.
     #[error("{what} {path}: {source}")]
     Metadata {
@@ -92,6 +151,10 @@ pub struct ReplicaPaths {
     pub index: PathBuf,
     /// The intent journal.
     pub journal: PathBuf,
+    /// The epoch journal (blocks of the open continuous epoch).
+    pub epoch_journal: PathBuf,
+    /// The status file `lifeboat-receiver status` reads.
+    pub status: PathBuf,
 }
 
 impl ReplicaPaths {
@@ -102,8 +165,41 @@ impl ReplicaPaths {
             staging,
             index: state.join(format!("{}.index", volume.as_str())),
             journal: state.join(format!("{}.journal", volume.as_str())),
+            epoch_journal: state.join(format!("{}.epoch", volume.as_str())),
+            status: state.join(format!("{}.status.json", volume.as_str())),
         }
     }
+}
+
+/// Where a staged block's bytes are in the epoch journal.
+#[derive(Debug, Clone, Copy)]
+struct StagedBlock {
+    digest: BlockHash,
+    /// Offset of the data in the epoch journal; `None` for an all-zero block.
+    data_at: Option<u64>,
+}
+
+/// The continuous epoch whose blocks are journaled but not yet committed.
+#[derive(Debug)]
+struct OpenEpoch {
+    epoch: u64,
+    /// Latest staged copy of each block.
+    blocks: BTreeMap<u64, StagedBlock>,
+    /// Block records journaled (frames, counting a block sent twice twice).
+    frames: u64,
+}
+
+/// What [`Replica::commit_epoch`] made durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEpoch {
+    /// The epoch, now the replica's durable epoch.
+    pub epoch: u64,
+    /// The replica's new generation.
+    pub generation: u64,
+    /// Distinct block indexes written, ascending.
+    pub indexes: Vec<u64>,
+    /// Block frames the epoch was made of (every staged copy counts).
+    pub frames: u64,
 }
 
 /// An open replica.
@@ -116,6 +212,10 @@ pub struct Replica {
     index: HashIndex,
     journal: File,
     journal_blocks: usize,
+    epoch_journal: File,
+    /// Length of the epoch journal (records are only appended).
+    epoch_len: u64,
+    open_epoch: Option<OpenEpoch>,
     /// Set when an apply failed after its intent was journaled: the in-memory
     /// index may then be wrong for those blocks, so it is never committed; the
     /// next open replays the journal instead.
@@ -169,6 +269,13 @@ impl Replica {
             .mode_private()
             .open(&paths.journal)
             .map_err(meta_err("cannot open journal", &paths.journal))?;
+        let epoch_journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode_private()
+            .open(&paths.epoch_journal)
+            .map_err(meta_err("cannot open epoch journal", &paths.epoch_journal))?;
         let mut replica = Replica {
             server,
             volume,
@@ -176,6 +283,9 @@ impl Replica {
             index: HashIndex::filled(geometry, rand::random(), BlockHash::UNKNOWN),
             journal,
             journal_blocks: 0,
+            epoch_journal,
+            epoch_len: 0,
+            open_epoch: None,
             failed: false,
             paths,
         };
@@ -208,6 +318,7 @@ impl Replica {
                 replica.rehash_all()?;
             }
         }
+        replica.recover_epoch_journal()?;
         Ok(replica)
     }
 
@@ -239,6 +350,11 @@ impl Replica {
         self.index.digests[s..e].to_vec()
     }
 
+    /// Paths of the replica's files.
+    pub fn paths(&self) -> &ReplicaPaths {
+        &self.paths
+    }
+
     /// Path of the staging volume.
     pub fn staging_path(&self) -> &Path {
         &self.paths.staging
@@ -253,6 +369,13 @@ impl Replica {
         }
         if self.failed {
             return Err(self.failed_error());
+        }
+        if let Some(open) = &self.open_epoch {
+            return Err(ReplicaError::EpochOrder(format!(
+                "{} resync (epoch 0) blocks arrived while epoch {} is open",
+                blocks.len(),
+                open.epoch
+            )));
         }
         let generation = self.index.generation + 1;
         let indexes: Vec<u64> = blocks.iter().map(|b| b.index).collect();
@@ -273,6 +396,236 @@ impl Replica {
             self.commit_index()?;
         }
         Ok(generation)
+    }
+
+    /// The continuous epoch staged and not yet committed, if any.
+    pub fn open_epoch(&self) -> Option<u64> {
+        self.open_epoch.as_ref().map(|o| o.epoch)
+    }
+
+    /// Journals blocks of continuous epoch `epoch` (see the module docs): appends
+    /// one record per block to the epoch journal and `fdatasync`s it. Nothing is
+    /// written in place; the blocks are not durable until
+    /// [`commit_epoch`](Self::commit_epoch). Returns the block frames staged in
+    /// the epoch so far.
+    pub fn stage_epoch_blocks(
+        &mut self,
+        epoch: u64,
+        blocks: &[VerifiedBlock],
+    ) -> Result<u64, ReplicaError> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
+        if epoch == RESYNC_EPOCH {
+            return Err(ReplicaError::EpochOrder(
+                "epoch 0 is resync traffic, applied in place, not staged".into(),
+            ));
+        }
+        match &self.open_epoch {
+            Some(open) if open.epoch != epoch => {
+                return Err(ReplicaError::EpochOrder(format!(
+                    "blocks of epoch {epoch} arrived while epoch {} is open (no closing flush between them)",
+                    open.epoch
+                )))
+            }
+            None if epoch <= self.index.durable_epoch => {
+                return Err(ReplicaError::EpochOrder(format!(
+                    "blocks of epoch {epoch} arrived but epoch {} is already durable",
+                    self.index.durable_epoch
+                )))
+            }
+            _ => {}
+        }
+        let mut buf = Vec::new();
+        let mut staged = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            if !self.index.geometry.contains(b.index) {
+                return Err(ReplicaError::EpochOrder(format!(
+                    "block {} of epoch {epoch} lies beyond the volume",
+                    b.index
+                )));
+            }
+            let start = buf.len() as u64;
+            let kind = if b.data.is_some() {
+                EPOCH_KIND_DATA
+            } else {
+                EPOCH_KIND_ZERO
+            };
+            encode_epoch_record(
+                &mut buf,
+                kind,
+                epoch,
+                b.index,
+                &b.digest,
+                b.data.as_deref().unwrap_or(&[]),
+            );
+            let data_at = b
+                .data
+                .as_ref()
+                .map(|_| self.epoch_len + start + EPOCH_HEADER_LEN as u64);
+            staged.push((
+                b.index,
+                StagedBlock {
+                    digest: b.digest,
+                    data_at,
+                },
+            ));
+        }
+        self.append_epoch_records(&buf)?;
+        let open = self.open_epoch.get_or_insert_with(|| OpenEpoch {
+            epoch,
+            blocks: BTreeMap::new(),
+            frames: 0,
+        });
+        open.frames += staged.len() as u64;
+        open.blocks.extend(staged);
+        Ok(open.frames)
+    }
+
+    /// Makes the open epoch `epoch` durable, atomically (see the module docs):
+    /// commit record + `fdatasync`, blocks in place + `fdatasync`, index
+    /// committed with `durable_epoch = epoch`, epoch journal truncated.
+    pub fn commit_epoch(&mut self, epoch: u64) -> Result<CommittedEpoch, ReplicaError> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
+        let Some(open) = self.open_epoch.as_ref().filter(|o| o.epoch == epoch) else {
+            return Err(ReplicaError::EpochOrder(format!(
+                "closing epoch {epoch} but the open epoch is {:?}",
+                self.open_epoch()
+            )));
+        };
+        let frames = open.frames;
+        let mut rec = Vec::with_capacity(EPOCH_HEADER_LEN + EPOCH_SUM_LEN);
+        encode_epoch_record(
+            &mut rec,
+            EPOCH_KIND_COMMIT,
+            epoch,
+            frames,
+            &BlockHash([0; 32]),
+            &[],
+        );
+        self.append_epoch_records(&rec)?;
+        // From here on the epoch is committed: a failure leaves it to the
+        // replay at the next open.
+        let open = self.open_epoch.take().expect("checked above");
+        if let Err(e) = self.write_staged(&open.blocks) {
+            self.failed = true;
+            return Err(e);
+        }
+        for (&index, b) in &open.blocks {
+            self.index.digests[index as usize] = b.digest;
+        }
+        self.index.generation += 1;
+        self.index.durable_epoch = self.index.durable_epoch.max(epoch);
+        self.commit_index()?;
+        self.truncate_epoch_journal()?;
+        Ok(CommittedEpoch {
+            epoch,
+            generation: self.index.generation,
+            indexes: open.blocks.keys().copied().collect(),
+            frames,
+        })
+    }
+
+    /// Forgets the open epoch, if any: its journaled blocks are dropped and the
+    /// staging volume stays at the previous boundary (as a restart would do).
+    pub fn discard_epoch(&mut self) -> Result<(), ReplicaError> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
+        if let Some(open) = self.open_epoch.take() {
+            info!(server = %self.server, volume = %self.volume, epoch = open.epoch, blocks = open.blocks.len(), "discarding an epoch that was never closed");
+        }
+        if self.epoch_len > 0 {
+            self.truncate_epoch_journal()?;
+        }
+        Ok(())
+    }
+
+    fn epoch_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> ReplicaError {
+        let path = self.paths.epoch_journal.clone();
+        move |source| ReplicaError::Metadata { what, path, source }
+    }
+
+    fn append_epoch_records(&mut self, buf: &[u8]) -> Result<(), ReplicaError> {
+        let written = self
+            .epoch_journal
+            .write_all(buf)
+            .and_then(|_| self.epoch_journal.sync_data());
+        if let Err(e) = written {
+            // The journal's tail is unknown now; the next open sorts it out.
+            self.failed = true;
+            return Err(self.epoch_err("cannot append to epoch journal")(e));
+        }
+        self.epoch_len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn truncate_epoch_journal(&mut self) -> Result<(), ReplicaError> {
+        self.epoch_journal
+            .set_len(0)
+            .and_then(|_| self.epoch_journal.sync_data())
+            .map_err(self.epoch_err("cannot truncate epoch journal"))?;
+        self.epoch_len = 0;
+        Ok(())
+    }
+
+    /// Writes staged blocks in place from the epoch journal, then syncs.
+    fn write_staged(&mut self, blocks: &BTreeMap<u64, StagedBlock>) -> Result<(), ReplicaError> {
+        let mut buf = Vec::new();
+        for (&index, b) in blocks {
+            match b.data_at {
+                Some(at) => {
+                    buf.resize(self.index.geometry.block_len(index) as usize, 0);
+                    self.epoch_journal
+                        .read_exact_at(&mut buf, at)
+                        .map_err(self.epoch_err("cannot read back from epoch journal"))?;
+                    self.staging.write_block(index, Some(&buf))?;
+                }
+                None => self.staging.write_block(index, None)?,
+            }
+        }
+        self.staging.sync()?;
+        Ok(())
+    }
+
+    /// At open: replays a committed epoch journal, discards an uncommitted one.
+    fn recover_epoch_journal(&mut self) -> Result<(), ReplicaError> {
+        let len = self
+            .epoch_journal
+            .metadata()
+            .map_err(self.epoch_err("cannot stat epoch journal"))?
+            .len();
+        if len == 0 {
+            return Ok(());
+        }
+        let parsed = parse_epoch_journal(&self.epoch_journal, len, self.index.block_count())
+            .map_err(self.epoch_err("cannot read epoch journal"))?;
+        match parsed {
+            EpochJournal::Committed { epoch, blocks } => {
+                info!(
+                    server = %self.server, volume = %self.volume, epoch, blocks = blocks.len(),
+                    "replaying a committed epoch after an unclean stop"
+                );
+                self.write_staged(&blocks)
+                    .inspect_err(|_| self.failed = true)?;
+                for (&index, b) in &blocks {
+                    self.index.digests[index as usize] = b.digest;
+                }
+                self.index.generation += 1;
+                self.index.durable_epoch = self.index.durable_epoch.max(epoch);
+                self.commit_index()?;
+            }
+            EpochJournal::Uncommitted { epoch, records } => {
+                info!(
+                    server = %self.server, volume = %self.volume, epoch = ?epoch, records,
+                    "discarding an epoch that was never committed: the staging volume stays at epoch {}",
+                    self.index.durable_epoch
+                );
+            }
+        }
+        self.truncate_epoch_journal()
     }
 
     /// Records that `epoch` is complete and durable.
@@ -381,6 +734,93 @@ impl Replica {
             BlockHash::of(&buf)
         })
     }
+}
+
+fn encode_epoch_record(
+    buf: &mut Vec<u8>,
+    kind: u8,
+    epoch: u64,
+    index: u64,
+    digest: &BlockHash,
+    data: &[u8],
+) {
+    let start = buf.len();
+    buf.extend_from_slice(&EPOCH_MAGIC);
+    buf.push(kind);
+    buf.extend_from_slice(&epoch.to_le_bytes());
+    buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(&digest.0);
+    buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    buf.extend_from_slice(data);
+    let sum = blake3::hash(&buf[start..]);
+    buf.extend_from_slice(&sum.as_bytes()[..EPOCH_SUM_LEN]);
+}
+
+/// What an epoch journal holds, up to its first torn or corrupt record.
+#[derive(Debug)]
+enum EpochJournal {
+    /// Block records of one epoch followed by its matching commit record.
+    Committed {
+        epoch: u64,
+        blocks: BTreeMap<u64, StagedBlock>,
+    },
+    /// No valid commit record: the epoch (if any) is discarded.
+    Uncommitted { epoch: Option<u64>, records: u64 },
+}
+
+/// Reads epoch-journal records one by one (bounded allocation: a record's data
+/// is at most one block); stops at the first torn or corrupt record.
+fn parse_epoch_journal(file: &File, len: u64, block_count: u64) -> std::io::Result<EpochJournal> {
+    let mut pos = 0u64;
+    let mut epoch: Option<u64> = None;
+    let mut blocks = BTreeMap::new();
+    let mut records = 0u64;
+    let mut rec = Vec::new();
+    loop {
+        let minimal = (EPOCH_HEADER_LEN + EPOCH_SUM_LEN) as u64;
+        if len - pos < minimal {
+            break;
+        }
+        let mut header = [0u8; EPOCH_HEADER_LEN];
+        file.read_exact_at(&mut header, pos)?;
+        if header[..4] != EPOCH_MAGIC {
+            break;
+        }
+        let kind = header[4];
+        let rec_epoch = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
+        let index = u64::from_le_bytes(header[13..21].try_into().expect("8 bytes"));
+        let digest = BlockHash(header[21..53].try_into().expect("32 bytes"));
+        let data_len = u32::from_le_bytes(header[53..57].try_into().expect("4 bytes")) as usize;
+        if data_len > EPOCH_MAX_DATA || len - pos < minimal + data_len as u64 {
+            break;
+        }
+        let total = EPOCH_HEADER_LEN + data_len + EPOCH_SUM_LEN;
+        rec.resize(total, 0);
+        file.read_exact_at(&mut rec, pos)?;
+        let body = EPOCH_HEADER_LEN + data_len;
+        if blake3::hash(&rec[..body]).as_bytes()[..EPOCH_SUM_LEN] != rec[body..] {
+            break;
+        }
+        if *epoch.get_or_insert(rec_epoch) != rec_epoch {
+            break; // records of two epochs: never written so; stop trusting it
+        }
+        match kind {
+            EPOCH_KIND_DATA | EPOCH_KIND_ZERO if index < block_count => {
+                let data_at = (kind == EPOCH_KIND_DATA).then_some(pos + EPOCH_HEADER_LEN as u64);
+                blocks.insert(index, StagedBlock { digest, data_at });
+                records += 1;
+            }
+            EPOCH_KIND_COMMIT if index == records => {
+                return Ok(EpochJournal::Committed {
+                    epoch: rec_epoch,
+                    blocks,
+                });
+            }
+            _ => break,
+        }
+        pos += total as u64;
+    }
+    Ok(EpochJournal::Uncommitted { epoch, records })
 }
 
 /// Parses journal records up to the first incomplete or corrupt one; returns the
@@ -550,5 +990,257 @@ mod tests {
         std::fs::write(&paths.index, bytes).unwrap();
         let r = open(&paths, g, false).unwrap();
         assert_eq!(r.digests(3, 1), vec![BlockHash::of(&[7u8; 4096])]);
+    }
+
+    fn zero_block(index: u64) -> VerifiedBlock {
+        VerifiedBlock {
+            index,
+            digest: zero_hash(4096),
+            data: None,
+        }
+    }
+
+    fn staging_bytes(paths: &ReplicaPaths) -> Vec<u8> {
+        std::fs::read(&paths.staging).unwrap()
+    }
+
+    fn block_bytes(paths: &ReplicaPaths, index: usize) -> Vec<u8> {
+        staging_bytes(paths)[index * 4096..(index + 1) * 4096].to_vec()
+    }
+
+    /// A replica with blocks 1 and 2 applied as resync traffic, epoch 1 closed.
+    fn seeded(paths: &ReplicaPaths, g: VolumeGeometry) -> Replica {
+        let mut r = open(paths, g, false).unwrap();
+        r.apply(&[block(1, 1, 4096), block(2, 2, 4096)]).unwrap();
+        r.close_epoch(1).unwrap();
+        r
+    }
+
+    #[test]
+    fn staged_epoch_without_commit_is_discarded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        let (gen, digests) = (r.generation(), r.digests(0, 9));
+        let before = staging_bytes(&paths);
+        assert_eq!(r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096)]).unwrap(), 1);
+        assert_eq!(
+            r.stage_epoch_blocks(2, &[block(3, 0xa3, 4096), zero_block(2)])
+                .unwrap(),
+            3
+        );
+        assert_eq!(r.open_epoch(), Some(2));
+        // Staged, not in place: the staging volume and index are untouched.
+        assert_eq!(staging_bytes(&paths), before);
+        assert_eq!(r.digests(0, 9), digests);
+        assert!(std::fs::metadata(&paths.epoch_journal).unwrap().len() > 2 * 4096);
+        drop(r); // killed before the closing flush
+
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(staging_bytes(&paths), before, "staging left its boundary");
+        assert_eq!(r.digests(0, 9), digests);
+        assert_eq!(r.generation(), gen);
+        assert_eq!(r.durable_epoch(), 1);
+        assert_eq!(r.open_epoch(), None);
+        assert_eq!(std::fs::metadata(&paths.epoch_journal).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn committed_epoch_is_written_and_acknowledged_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        let gen = r.generation();
+        r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096), block(3, 0xa3, 4096)])
+            .unwrap();
+        // Block 1 sent twice in the epoch: the later copy wins.
+        r.stage_epoch_blocks(
+            2,
+            &[block(1, 0xb1, 4096), zero_block(2), block(8, 0xa8, 100)],
+        )
+        .unwrap();
+        let c = r.commit_epoch(2).unwrap();
+        assert_eq!(
+            c,
+            CommittedEpoch {
+                epoch: 2,
+                generation: gen + 1,
+                indexes: vec![1, 2, 3, 8],
+                frames: 5
+            }
+        );
+        assert_eq!(block_bytes(&paths, 1), vec![0xb1; 4096]);
+        assert_eq!(block_bytes(&paths, 2), vec![0; 4096]);
+        assert_eq!(block_bytes(&paths, 3), vec![0xa3; 4096]);
+        assert_eq!(r.digests(1, 1), vec![BlockHash::of(&[0xb1; 4096])]);
+        assert_eq!(r.digests(8, 1), vec![BlockHash::of(&[0xa8; 100])]);
+        assert_eq!((r.durable_epoch(), r.open_epoch()), (2, None));
+        assert_eq!(std::fs::metadata(&paths.epoch_journal).unwrap().len(), 0);
+        // Durable in the index on disk, without any later commit.
+        drop(r);
+        let stored = HashIndex::decode(&std::fs::read(&paths.index).unwrap()).unwrap();
+        assert_eq!(stored.durable_epoch, 2);
+        assert_eq!(stored.generation, gen + 1);
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(r.digests(3, 1), vec![BlockHash::of(&[0xa3; 4096])]);
+    }
+
+    #[test]
+    fn commit_record_without_in_place_writes_is_replayed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        let gen = r.generation();
+        r.stage_epoch_blocks(
+            2,
+            &[block(1, 0xa1, 4096), zero_block(2), block(8, 0xa8, 100)],
+        )
+        .unwrap();
+        // Killed right after the commit record's fdatasync: write it by hand
+        // and drop the replica without applying anything.
+        let mut rec = Vec::new();
+        encode_epoch_record(&mut rec, EPOCH_KIND_COMMIT, 2, 3, &BlockHash([0; 32]), &[]);
+        r.append_epoch_records(&rec).unwrap();
+        drop(r);
+        assert_eq!(
+            block_bytes(&paths, 1),
+            vec![1; 4096],
+            "written in place early"
+        );
+
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(block_bytes(&paths, 1), vec![0xa1; 4096]);
+        assert_eq!(block_bytes(&paths, 2), vec![0; 4096]);
+        assert_eq!(&staging_bytes(&paths)[8 * 4096..], &[0xa8; 100][..]);
+        assert_eq!(
+            r.digests(1, 2),
+            vec![BlockHash::of(&[0xa1; 4096]), zero_hash(4096)]
+        );
+        assert_eq!(r.durable_epoch(), 2);
+        assert!(r.generation() > gen);
+        assert_eq!(std::fs::metadata(&paths.epoch_journal).unwrap().len(), 0);
+        drop(r);
+        // Replaying is idempotent: a second open changes nothing.
+        let before = staging_bytes(&paths);
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(staging_bytes(&paths), before);
+        assert_eq!(r.durable_epoch(), 2);
+    }
+
+    #[test]
+    fn torn_or_corrupt_epoch_journal_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096)]).unwrap();
+        let mut commit = Vec::new();
+        encode_epoch_record(
+            &mut commit,
+            EPOCH_KIND_COMMIT,
+            2,
+            1,
+            &BlockHash([0; 32]),
+            &[],
+        );
+        drop(r);
+        let good = std::fs::read(&paths.epoch_journal).unwrap();
+
+        // A commit record cut short: not committed, discarded.
+        let mut torn = good.clone();
+        torn.extend_from_slice(&commit[..commit.len() - 3]);
+        std::fs::write(&paths.epoch_journal, &torn).unwrap();
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
+        assert_eq!(r.durable_epoch(), 1);
+        drop(r);
+
+        // A block record whose data was torn, then a commit: the commit follows
+        // a bad record, so it is never reached.
+        let mut r = open(&paths, g, false).unwrap();
+        r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096), block(3, 0xa3, 4096)])
+            .unwrap();
+        drop(r);
+        let mut bad = std::fs::read(&paths.epoch_journal).unwrap();
+        let n = bad.len();
+        bad[n - 100] ^= 0xff; // inside block 3's data
+        let mut c2 = Vec::new();
+        encode_epoch_record(&mut c2, EPOCH_KIND_COMMIT, 2, 2, &BlockHash([0; 32]), &[]);
+        bad.extend_from_slice(&c2);
+        std::fs::write(&paths.epoch_journal, &bad).unwrap();
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
+        assert_eq!(block_bytes(&paths, 3), vec![0; 4096]);
+        assert_eq!(r.durable_epoch(), 1);
+        drop(r);
+
+        // A commit whose count does not match the records before it is refused.
+        let mut wrong = good.clone();
+        let mut c3 = Vec::new();
+        encode_epoch_record(&mut c3, EPOCH_KIND_COMMIT, 2, 2, &BlockHash([0; 32]), &[]);
+        wrong.extend_from_slice(&c3);
+        std::fs::write(&paths.epoch_journal, &wrong).unwrap();
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(r.durable_epoch(), 1);
+        drop(r);
+
+        // And a valid commit with garbage after it still replays.
+        let mut ok = good;
+        ok.extend_from_slice(&commit);
+        ok.extend_from_slice(b"LBE1garbage");
+        std::fs::write(&paths.epoch_journal, &ok).unwrap();
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(block_bytes(&paths, 1), vec![0xa1; 4096]);
+        assert_eq!(r.durable_epoch(), 2);
+    }
+
+    #[test]
+    fn several_epochs_in_a_row_and_order_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        for e in 2..=6u64 {
+            r.stage_epoch_blocks(e, &[block(e % 4, e as u8, 4096)])
+                .unwrap();
+            r.stage_epoch_blocks(e, &[block(4 + e % 4, 0x40 + e as u8, 4096)])
+                .unwrap();
+            let c = r.commit_epoch(e).unwrap();
+            assert_eq!((c.epoch, c.frames, c.indexes.len()), (e, 2, 2));
+            assert_eq!(r.durable_epoch(), e);
+        }
+        // Epoch 6 wrote blocks 2 and 6; epoch 5 blocks 1 and 5.
+        assert_eq!(block_bytes(&paths, 2), vec![6; 4096]);
+        assert_eq!(block_bytes(&paths, 5), vec![0x45; 4096]);
+
+        // Order rules.
+        let bad = |r: Result<u64, ReplicaError>| {
+            assert!(matches!(r, Err(ReplicaError::EpochOrder(_))), "{r:?}")
+        };
+        bad(r.stage_epoch_blocks(6, &[block(0, 9, 4096)])); // already durable
+        bad(r.stage_epoch_blocks(0, &[block(0, 9, 4096)])); // resync is not staged
+        r.stage_epoch_blocks(8, &[block(0, 9, 4096)]).unwrap();
+        bad(r.stage_epoch_blocks(9, &[block(0, 9, 4096)])); // 8 still open
+        assert!(matches!(
+            r.apply(&[block(0, 9, 4096)]),
+            Err(ReplicaError::EpochOrder(_))
+        ));
+        assert!(matches!(
+            r.commit_epoch(9),
+            Err(ReplicaError::EpochOrder(_))
+        ));
+        // A session that ends with an epoch open discards it.
+        r.discard_epoch().unwrap();
+        assert_eq!(r.open_epoch(), None);
+        assert!(
+            block_bytes(&paths, 0) == [4; 4096],
+            "epoch 4's block 0 stays"
+        );
+        // Resync traffic is fine again, then epoch 8 can start over.
+        r.apply(&[block(0, 7, 4096)]).unwrap();
+        r.stage_epoch_blocks(8, &[block(0, 9, 4096)]).unwrap();
+        r.commit_epoch(8).unwrap();
+        drop(r);
+        let r = open(&paths, g, false).unwrap();
+        assert_eq!(r.durable_epoch(), 8);
+        assert_eq!(r.digests(0, 1), vec![BlockHash::of(&[9; 4096])]);
     }
 }

@@ -13,6 +13,32 @@
 //!   batches (journal, write, fsync — see [`crate::replica`]); only then are the
 //!   blocks reported durable.
 //!
+//! ## Epochs (see [`crate::replica`] for the on-disk side)
+//! - A `Block` frame of epoch 0 is resync traffic: the apply task applies it in
+//!   place in batches and it is acknowledged `Durable` once fsynced.
+//! - A `Block` frame of epoch `E >= 1` belongs to a continuous epoch: the apply
+//!   task only *stages* it (epoch journal, fdatasync per batch) and reports it
+//!   received, not durable. When the agent's `Flush { close_epoch: Some(E) }`
+//!   has arrived and the blocks received (staged or applied) reach its
+//!   `blocks_sent`, the driver tells the apply task to commit `E` (the
+//!   [`EpochGate`] decides). The commit writes the epoch in place atomically;
+//!   only then are its blocks counted durable, reported `Durable`, and the
+//!   count-based `Flushed` answered. A closing flush with no epoch blocks
+//!   staged (a sync pass: epoch-0 traffic only) just records the durable epoch
+//!   once the counted blocks are durable, as before.
+//! - Order violations (epoch-0 blocks or blocks of another epoch while `E` is
+//!   open, an epoch not above the durable one, a flush closing a different
+//!   epoch than the staged one) end the session with `Reject(Protocol)`; a
+//!   block of an open epoch that fails verification does too (after its
+//!   `BlockRejected`), since an epoch missing a block must never be committed.
+//!   The open epoch is then discarded; the agent reconnects and resends it.
+//! - A `Flush` without `close_epoch` is answered once its blocks are durable;
+//!   blocks of an open epoch become durable only with the epoch's commit.
+//!
+//! ## Status
+//! The driver keeps a [`StatusRecorder`] per session and writes
+//! `state/<server>/<volume>.status.json` (see [`crate::status`]).
+//!
 //! A volume is open in at most one session at a time: a newer session of the
 //! same server closes the older one and takes the volume once it is released
 //! (an agent restarted after `kill -9` need not wait for the idle timeout);
@@ -20,7 +46,7 @@
 //! frame ends that session and a digest mismatch is answered with
 //! `BlockRejected`, with the cause logged; other sessions carry on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,7 +56,7 @@ use anyhow::Context;
 use bytes::BytesMut;
 use lifeboat_protocol::block::BlockDecoder;
 use lifeboat_protocol::codec::{self, FrameDecoder};
-use lifeboat_protocol::frame::{BlockRange, Frame, RejectCode, HELLO_FLAG_RESIZE};
+use lifeboat_protocol::frame::{BlockRange, Frame, RejectCode, HELLO_FLAG_RESIZE, RESYNC_EPOCH};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::session::{ReceiverEvent, ReceiverSession, SessionState};
 use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
@@ -39,7 +65,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::ReceiverConfig;
 use crate::pki::{client_name_from_cert, Pki};
-use crate::replica::{Replica, ReplicaError, ReplicaPaths, VerifiedBlock};
+use crate::replica::{CommittedEpoch, Replica, ReplicaError, ReplicaPaths, VerifiedBlock};
+use crate::status::StatusRecorder;
 
 /// Verified blocks queued between the data streams and the apply task.
 const APPLY_QUEUE_BLOCKS: usize = 512;
@@ -169,9 +196,108 @@ fn transport_config() -> quinn::TransportConfig {
 
 /// Messages from the data-stream readers and the apply task to the driver.
 enum Report {
+    /// Resync blocks applied in place and durable.
     Durable { generation: u64, indexes: Vec<u64> },
-    Rejected { index: u64, reason: String },
+    /// Blocks of a continuous epoch journaled (received, not yet durable).
+    Staged { epoch: u64, indexes: Vec<u64> },
+    /// A continuous epoch committed: its blocks are durable.
+    Committed(CommittedEpoch),
+    /// A block failed verification.
+    Rejected {
+        index: u64,
+        epoch: u64,
+        reason: String,
+    },
+    /// The agent broke the epoch order; end the session.
+    Violation(String),
+    /// The replica failed; end the session.
     Failed(anyhow::Error),
+}
+
+/// A verified block and the epoch it was sent in.
+struct EpochBlock {
+    epoch: u64,
+    block: VerifiedBlock,
+}
+
+/// What the driver must do next about continuous epochs.
+#[derive(Debug, PartialEq, Eq)]
+enum GateAction {
+    /// Nothing yet.
+    Wait,
+    /// Every block of this epoch is staged and its closing flush is here.
+    Commit(u64),
+    /// The agent closed an epoch other than the staged one.
+    Violation(String),
+}
+
+/// Counts block frames of a session and decides when a continuous epoch may be
+/// committed: once its closing `Flush` has arrived and the frames received
+/// (staged or applied) reach that flush's `blocks_sent`. Owned by the driver.
+#[derive(Debug, Default)]
+struct EpochGate {
+    /// Block frames staged or applied.
+    received: u64,
+    /// Block frames durable (applied, or staged and committed).
+    durable: u64,
+    /// The epoch with staged, uncommitted blocks.
+    staged_epoch: Option<u64>,
+    /// Closing flushes not yet acted on: (epoch, blocks_sent).
+    closes: VecDeque<(u64, u64)>,
+    /// A commit was asked for and not yet reported.
+    committing: bool,
+}
+
+impl EpochGate {
+    fn applied(&mut self, frames: u64) {
+        self.received += frames;
+        self.durable += frames;
+    }
+
+    fn staged(&mut self, epoch: u64, frames: u64) {
+        self.received += frames;
+        self.staged_epoch = Some(epoch);
+    }
+
+    fn close_requested(&mut self, epoch: u64, blocks_sent: u64) {
+        self.closes.push_back((epoch, blocks_sent));
+    }
+
+    fn committed(&mut self, frames: u64) {
+        self.durable += frames;
+        self.staged_epoch = None;
+        self.committing = false;
+    }
+
+    fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    fn next_action(&mut self) -> GateAction {
+        while !self.committing {
+            let Some(&(epoch, sent)) = self.closes.front() else {
+                break;
+            };
+            if self.received < sent {
+                break;
+            }
+            self.closes.pop_front();
+            match self.staged_epoch {
+                // Only resync traffic: the count-based answer closes the epoch.
+                None => continue,
+                Some(e) if e == epoch => {
+                    self.committing = true;
+                    return GateAction::Commit(e);
+                }
+                Some(e) => {
+                    return GateAction::Violation(format!(
+                        "Flush closes epoch {epoch} but the blocks received belong to epoch {e}"
+                    ))
+                }
+            }
+        }
+        GateAction::Wait
+    }
 }
 
 async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> anyhow::Result<()> {
@@ -267,8 +393,12 @@ async fn drive_session(
     // ended, so a newer session never opens the replica while blocks of this
     // one are still being applied.
     let mut _guard: Option<Arc<ActiveGuard>> = None;
-    let mut apply_tx: Option<mpsc::Sender<VerifiedBlock>> = None;
-    let mut durable_count = 0u64;
+    let mut apply_tx: Option<mpsc::Sender<EpochBlock>> = None;
+    let mut commit_tx: Option<mpsc::UnboundedSender<u64>> = None;
+    let mut gate = EpochGate::default();
+    let mut status: Option<StatusRecorder> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut volume_label = String::new();
 
     let result: anyhow::Result<()> = async {
@@ -289,13 +419,18 @@ async fn drive_session(
                             Ok(r) => {
                                 let (id, generation, epoch, geometry) = (r.volume_id(), r.generation(), r.durable_epoch(), r.geometry());
                                 info!(volume = %hello.volume, %geometry, generation, staging = %r.staging_path().display(), "session established");
+                                let mut recorder = StatusRecorder::new(r.paths().status.clone(), &server, &hello.volume, geometry, r.staging_path(), epoch, generation);
+                                write_status(&mut recorder);
+                                status = Some(recorder);
                                 let r = Arc::new(Mutex::new(r));
                                 let (tx, rx) = mpsc::channel(APPLY_QUEUE_BLOCKS);
+                                let (ctx, crx) = mpsc::unbounded_channel();
                                 let held = _guard.clone();
-                                let apply = apply_task(r.clone(), rx, report_tx.clone());
+                                let apply = apply_task(r.clone(), rx, crx, report_tx.clone());
                                 tokio::spawn(async move { apply.await; drop(held) }.in_current_span());
                                 tokio::spawn(accept_data_streams(conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
                                 apply_tx = Some(tx);
+                                commit_tx = Some(ctx);
                                 replica = Some(r);
                                 session.accept(id, generation, epoch, geometry);
                             }
@@ -314,10 +449,13 @@ async fn drive_session(
                         let digests = r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.digests(start, count);
                         session.send_digests(start, digests);
                     }
-                    ReceiverEvent::FlushRequested { .. } => {
+                    ReceiverEvent::FlushRequested { blocks_sent, close_epoch, .. } => {
+                        if let Some(epoch) = close_epoch {
+                            gate.close_requested(epoch, blocks_sent);
+                        }
                         // Answer at once if everything asked for is already durable.
                         let generation = replica.as_ref().and_then(|r| r.lock().ok().map(|r| r.generation())).unwrap_or(0);
-                        session.blocks_durable(generation, Vec::new(), durable_count);
+                        session.blocks_durable(generation, Vec::new(), gate.durable());
                     }
                     ReceiverEvent::EpochDurable(epoch) => {
                         if let Some(r) = &replica {
@@ -327,10 +465,38 @@ async fn drive_session(
                             }).await??;
                             debug!(epoch, "epoch durable");
                         }
+                        if let Some(st) = &mut status {
+                            st.epoch_durable(epoch);
+                        }
+                    }
+                    ReceiverEvent::Status(report) => {
+                        debug!(?report, "agent status");
+                        if let Some(st) = &mut status {
+                            st.agent_report(&report);
+                        }
                     }
                     ReceiverEvent::Goodbye => {
                         info!(volume = %volume_label, "agent said goodbye");
                     }
+                }
+            }
+            match gate.next_action() {
+                GateAction::Wait => {}
+                GateAction::Commit(epoch) => {
+                    debug!(epoch, "epoch complete: committing");
+                    if let Some(tx) = &commit_tx {
+                        // The apply task only ends with the session.
+                        let _ = tx.send(epoch);
+                    }
+                }
+                GateAction::Violation(m) => {
+                    error!(volume = %volume_label, "protocol violation: {m}");
+                    session.reject(RejectCode::Protocol, m);
+                }
+            }
+            if let Some(st) = &mut status {
+                if st.due(Instant::now()) {
+                    write_status(st);
                 }
             }
             let mut out = BytesMut::new();
@@ -352,6 +518,9 @@ async fn drive_session(
                     return Err(anyhow::anyhow!("malformed frame from the agent: {e}"));
                 }
                 Ok(Some(frame)) => {
+                    if let Some(st) = &mut status {
+                        st.contact();
+                    }
                     if let Err(e) = session.handle_frame(frame, Instant::now()) {
                         error!(volume = %volume_label, "protocol violation: {e}");
                         conn.close(3u32.into(), format!("protocol violation: {e}").as_bytes());
@@ -379,15 +548,44 @@ async fn drive_session(
                 report = report_rx.recv() => {
                     match report {
                         Some(Report::Durable { generation, indexes }) => {
-                            durable_count += indexes.len() as u64;
+                            gate.applied(indexes.len() as u64);
                             for &i in &indexes {
                                 session.block_received(i);
                             }
-                            session.blocks_durable(generation, to_ranges(indexes), durable_count);
+                            session.blocks_durable(generation, to_ranges(indexes), gate.durable());
+                            if let Some(st) = &mut status {
+                                st.contact();
+                                st.generation(generation);
+                            }
                         }
-                        Some(Report::Rejected { index, reason }) => {
-                            error!(volume = %volume_label, block = index, "rejected block: {reason}");
-                            session.block_rejected(index, reason);
+                        Some(Report::Staged { epoch, indexes }) => {
+                            gate.staged(epoch, indexes.len() as u64);
+                            for &i in &indexes {
+                                session.block_received(i);
+                            }
+                            if let Some(st) = &mut status {
+                                st.contact();
+                            }
+                        }
+                        Some(Report::Committed(c)) => {
+                            debug!(epoch = c.epoch, blocks = c.indexes.len(), frames = c.frames, "epoch committed");
+                            gate.committed(c.frames);
+                            session.blocks_durable(c.generation, to_ranges(c.indexes), gate.durable());
+                            if let Some(st) = &mut status {
+                                st.generation(c.generation);
+                                st.epoch_durable(c.epoch);
+                            }
+                        }
+                        Some(Report::Rejected { index, epoch, reason }) => {
+                            error!(volume = %volume_label, block = index, epoch, "rejected block: {reason}");
+                            session.block_rejected(index, reason.clone());
+                            if epoch != RESYNC_EPOCH {
+                                session.reject(RejectCode::Protocol, format!("block {index} of epoch {epoch} failed verification ({reason}); the epoch is discarded, reconnect and send it again"));
+                            }
+                        }
+                        Some(Report::Violation(m)) => {
+                            error!(volume = %volume_label, "protocol violation: {m}");
+                            session.reject(RejectCode::Protocol, m);
                         }
                         Some(Report::Failed(e)) => {
                             error!(volume = %volume_label, "{e:#}");
@@ -397,6 +595,7 @@ async fn drive_session(
                         None => {}
                     }
                 }
+                _ = tick.tick() => {}
                 _ = sleep_until(timeout) => {
                     if let Err(e) = session.handle_timeout(Instant::now()) {
                         conn.close(5u32.into(), b"handshake timeout");
@@ -408,9 +607,14 @@ async fn drive_session(
     }
     .await;
     drop(apply_tx);
+    drop(commit_tx);
     if let Some(r) = replica {
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut r) = r.lock() {
+                // An epoch left open is discarded now, as a restart would.
+                if let Err(e) = r.discard_epoch() {
+                    warn!("cannot discard the open epoch at session end: {e}");
+                }
                 if let Err(e) = r.commit_index() {
                     warn!("cannot commit index at session end: {e}");
                 }
@@ -418,7 +622,20 @@ async fn drive_session(
         })
         .await;
     }
+    // Still holding the volume (the guard): a newer session's status comes after.
+    if let Some(st) = &mut status {
+        st.disconnected();
+        write_status(st);
+    }
     result
+}
+
+/// Writes a session's status file (blocking IO on this worker thread: small
+/// file, at most once a second). A failure is logged, never fatal.
+fn write_status(status: &mut StatusRecorder) {
+    if let Err(e) = tokio::task::block_in_place(|| status.write(Instant::now())) {
+        warn!("cannot write the status file: {e}");
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -453,7 +670,7 @@ async fn open_replica(
 async fn accept_data_streams(
     conn: quinn::Connection,
     geometry: VolumeGeometry,
-    apply_tx: mpsc::Sender<VerifiedBlock>,
+    apply_tx: mpsc::Sender<EpochBlock>,
     report_tx: mpsc::Sender<Report>,
 ) {
     while let Ok(stream) = conn.accept_uni().await {
@@ -476,7 +693,7 @@ async fn accept_data_streams(
 async fn read_data_stream(
     mut stream: quinn::RecvStream,
     geometry: VolumeGeometry,
-    apply_tx: &mpsc::Sender<VerifiedBlock>,
+    apply_tx: &mpsc::Sender<EpochBlock>,
     report_tx: &mpsc::Sender<Report>,
 ) -> anyhow::Result<()> {
     let mut decoder = FrameDecoder::default();
@@ -508,7 +725,7 @@ async fn read_data_stream(
                     want_len
                 );
             }
-            let (index, digest) = (b.index, b.digest);
+            let (index, digest, epoch) = (b.index, b.digest, b.epoch);
             let verified = tokio::task::block_in_place(|| -> Result<VerifiedBlock, String> {
                 let data = block_decoder
                     .decode(b.encoding, b.raw_len, &b.payload, want_len)
@@ -527,13 +744,19 @@ async fn read_data_stream(
                 })
             });
             match verified {
-                Ok(v) => {
-                    if apply_tx.send(v).await.is_err() {
+                Ok(block) => {
+                    if apply_tx.send(EpochBlock { epoch, block }).await.is_err() {
                         return Ok(());
                     }
                 }
                 Err(reason) => {
-                    let _ = report_tx.send(Report::Rejected { index, reason }).await;
+                    let _ = report_tx
+                        .send(Report::Rejected {
+                            index,
+                            epoch,
+                            reason,
+                        })
+                        .await;
                 }
             }
         }
@@ -556,50 +779,110 @@ async fn read_data_stream(
     }
 }
 
-/// Applies verified blocks in batches; reports each durable batch.
+/// Work for the apply task, in arrival order.
+enum Work {
+    Block(EpochBlock),
+    Commit(u64),
+}
+
+/// Applies (epoch 0) or stages (epoch >= 1) verified blocks in batches and
+/// commits epochs when the driver says so; reports each step.
 async fn apply_task(
     replica: Arc<Mutex<Replica>>,
-    mut rx: mpsc::Receiver<VerifiedBlock>,
+    mut blocks: mpsc::Receiver<EpochBlock>,
+    mut commits: mpsc::UnboundedReceiver<u64>,
     report_tx: mpsc::Sender<Report>,
 ) {
     loop {
-        let Some(first) = rx.recv().await else { return };
-        let mut batch = vec![first];
-        let mut bytes = batch[0].data.as_ref().map_or(0, |d| d.len());
-        while bytes < BATCH_BYTES {
-            match tokio::time::timeout(BATCH_IDLE, rx.recv()).await {
-                Ok(Some(b)) => {
-                    bytes += b.data.as_ref().map_or(0, |d| d.len());
-                    batch.push(b);
+        // A commit is only asked for once all its blocks were reported staged,
+        // so taking it before queued blocks never reorders an epoch.
+        let first = tokio::select! {
+            biased;
+            c = commits.recv() => match c {
+                Some(epoch) => Work::Commit(epoch),
+                None => return,
+            },
+            b = blocks.recv() => match b {
+                Some(b) => Work::Block(b),
+                None => return,
+            },
+        };
+        let mut work = vec![first];
+        if let Work::Block(b) = &work[0] {
+            let mut bytes = b.block.data.as_ref().map_or(0, |d| d.len());
+            while bytes < BATCH_BYTES {
+                match tokio::time::timeout(BATCH_IDLE, blocks.recv()).await {
+                    Ok(Some(b)) => {
+                        bytes += b.block.data.as_ref().map_or(0, |d| d.len());
+                        work.push(Work::Block(b));
+                    }
+                    Ok(None) | Err(_) => break,
                 }
-                Ok(None) | Err(_) => break,
             }
         }
         let r = replica.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut r = r
-                .lock()
-                .map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
-            let generation = r.apply(&batch).map_err(anyhow::Error::new)?;
-            Ok::<_, anyhow::Error>((
-                generation,
-                batch.into_iter().map(|b| b.index).collect::<Vec<_>>(),
-            ))
-        })
-        .await
-        .unwrap_or_else(|e| Err(anyhow::anyhow!("apply task failed: {e}")));
-        let report = match result {
-            Ok((generation, indexes)) => Report::Durable {
-                generation,
-                indexes,
-            },
-            Err(e) => Report::Failed(e.context("cannot apply blocks to the staging volume")),
-        };
-        let failed = matches!(report, Report::Failed(_));
-        if report_tx.send(report).await.is_err() || failed {
-            return;
+        let reports = tokio::task::spawn_blocking(move || process_work(&r, work))
+            .await
+            .unwrap_or_else(|e| vec![Report::Failed(anyhow::anyhow!("apply task failed: {e}"))]);
+        for report in reports {
+            let last = matches!(report, Report::Failed(_) | Report::Violation(_));
+            if report_tx.send(report).await.is_err() || last {
+                return;
+            }
         }
     }
+}
+
+/// Carries out a batch of work on the replica: runs of blocks of one epoch are
+/// applied (epoch 0) or staged (epoch >= 1) together. Stops at the first error.
+fn process_work(replica: &Mutex<Replica>, work: Vec<Work>) -> Vec<Report> {
+    let Ok(mut r) = replica.lock() else {
+        return vec![Report::Failed(anyhow::anyhow!("replica lock poisoned"))];
+    };
+    let fail = |e: ReplicaError| match e {
+        ReplicaError::EpochOrder(m) => Report::Violation(m),
+        e => Report::Failed(
+            anyhow::Error::new(e).context("cannot apply blocks to the staging volume"),
+        ),
+    };
+    let mut reports = Vec::new();
+    let mut work = work.into_iter().peekable();
+    while let Some(w) = work.next() {
+        let report = match w {
+            Work::Commit(epoch) => r.commit_epoch(epoch).map(Report::Committed),
+            Work::Block(first) => {
+                let epoch = first.epoch;
+                let mut run = vec![first.block];
+                while let Some(Work::Block(b)) = work.peek() {
+                    if b.epoch != epoch {
+                        break;
+                    }
+                    let Some(Work::Block(b)) = work.next() else {
+                        unreachable!("peeked a block")
+                    };
+                    run.push(b.block);
+                }
+                let indexes: Vec<u64> = run.iter().map(|b| b.index).collect();
+                if epoch == RESYNC_EPOCH {
+                    r.apply(&run).map(|generation| Report::Durable {
+                        generation,
+                        indexes,
+                    })
+                } else {
+                    r.stage_epoch_blocks(epoch, &run)
+                        .map(|_| Report::Staged { epoch, indexes })
+                }
+            }
+        };
+        match report {
+            Ok(rep) => reports.push(rep),
+            Err(e) => {
+                reports.push(fail(e));
+                break;
+            }
+        }
+    }
+    reports
 }
 
 /// Turns block indexes into sorted, merged ranges.
@@ -619,6 +902,36 @@ fn to_ranges(mut indexes: Vec<u64>) -> Vec<BlockRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_commits_an_epoch_only_when_all_its_blocks_are_staged() {
+        let mut g = EpochGate::default();
+        // A sync pass: resync blocks, then a flush closing epoch 1.
+        g.applied(10);
+        g.close_requested(1, 12);
+        assert_eq!(g.next_action(), GateAction::Wait);
+        g.applied(2);
+        assert_eq!(
+            g.next_action(),
+            GateAction::Wait,
+            "nothing staged: no commit"
+        );
+        assert_eq!(g.durable(), 12);
+        // Epoch 2: the flush overtakes the last blocks.
+        g.staged(2, 3);
+        g.close_requested(2, 17);
+        assert_eq!(g.next_action(), GateAction::Wait);
+        assert_eq!(g.durable(), 12, "staged blocks are not durable");
+        g.staged(2, 2);
+        assert_eq!(g.next_action(), GateAction::Commit(2));
+        assert_eq!(g.next_action(), GateAction::Wait, "one commit at a time");
+        g.committed(5);
+        assert_eq!(g.durable(), 17);
+        // Epoch 3 staged but the agent closes epoch 4.
+        g.staged(3, 1);
+        g.close_requested(4, 18);
+        assert!(matches!(g.next_action(), GateAction::Violation(m) if m.contains("epoch 3")));
+    }
 
     #[test]
     fn ranges_merge() {

@@ -1,0 +1,695 @@
+//! Continuous replication (`lifeboat-agent run`).
+//!
+//! Per volume, one task:
+//! 1. Start change tracking *before* anything is read, so no write can slip
+//!    between a scan and the tracking: block-layer tracepoints for a block
+//!    device ([`crate::tracking`]); for a regular file, or where tracepoints
+//!    are unavailable, periodic full scans (said in the log and in `status`).
+//! 2. Decide how to start. A clean stop left a *stop record*: the dirty
+//!    blocks not yet replicated, the boot id and the device's write counters
+//!    read before the last drain of the tracker. If this is the same boot, the
+//!    counters are unchanged (nobody wrote while the agent was down) and the
+//!    agent's index still matches the receiver, the agent continues with that
+//!    dirty set. Anything else (a `running` marker left by kill -9 or power
+//!    loss, a reboot, a write while stopped, a stale index) means a full pass:
+//!    the initial sync if the replica never completed one, a rescan otherwise.
+//! 3. Every epoch interval, drain the tracker into the dirty set and, if it is
+//!    not empty, replicate it as one atomic epoch ([`PassMode::Atomic`]): read
+//!    each dirty block, send those whose digest differs from what the receiver
+//!    holds, close the epoch, wait until it is durable. A block written again
+//!    while being read or sent is drained again and goes in the next epoch, so
+//!    the replica converges. Lost tracepoint events trigger a rescan.
+//! 4. Every second, report state, progress, lag and backlog to the receiver.
+//! 5. On SIGTERM/SIGINT: drain once more, write the stop record, remove the
+//!    marker, say goodbye.
+//!
+//! Lag is the age of the oldest change not yet durable on the receiver (the
+//! time its write was first seen by the agent); backlog is the size of the
+//! dirty blocks not yet acknowledged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::state;
+use crate::sync::{
+    unix_ms, AgentStatus, EpochInterrupted, PassMode, Producer, ReplicationState, Replicator,
+    StatusTemplate, SyncOptions, TrackingMode,
+};
+use crate::tracking::{TrackingError, WriteTracker};
+use crate::volume::VolumeKind;
+
+/// Settings of `run` besides the per-volume [`SyncOptions`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Close an epoch at least this often while there are changes.
+    pub epoch_interval: Duration,
+    /// Full-scan interval where writes cannot be tracked.
+    pub scan_interval: Duration,
+    /// Lag above which the state is BACKLOG.
+    pub lag_threshold: Duration,
+    /// Time without a durable epoch while dirty after which the state is STALLED.
+    pub stall_after: Duration,
+    /// Use periodic scans even where tracepoints work.
+    pub force_scan: bool,
+    /// Freeze the volume's mounted filesystem at each consistency point.
+    pub freeze: bool,
+}
+
+/// What a clean stop leaves for the next start.
+#[derive(Debug, Serialize, Deserialize)]
+struct StopRecord {
+    boot_id: String,
+    device_writes: Option<Vec<u64>>,
+    dirty: Vec<u64>,
+}
+
+/// Files of one volume's run state.
+struct RunState {
+    running: PathBuf,
+    stop: PathBuf,
+}
+
+impl RunState {
+    fn new(opts: &SyncOptions) -> Self {
+        let index = state::index_path(&opts.state_dir, &opts.bundle.server, &opts.name);
+        RunState {
+            running: index.with_extension("running"),
+            stop: index.with_extension("stop"),
+        }
+    }
+}
+
+/// Runs continuous replication of all `volumes` until `shutdown` turns true.
+pub async fn run(
+    volumes: Vec<SyncOptions>,
+    ro: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for opts in volumes {
+        let ro = ro.clone();
+        let shutdown = shutdown.clone();
+        let span = info_span!("volume", name = %opts.name, path = %opts.volume_path.display());
+        tasks.spawn(
+            async move {
+                let name = opts.name.clone();
+                replicate_volume(opts, ro, shutdown)
+                    .await
+                    .with_context(|| format!("volume {name}"))
+            }
+            .instrument(span),
+        );
+    }
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!("{e:#}");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(anyhow::anyhow!("volume task failed: {e}"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The write counters of a block device (`/sys/dev/block/M:m/stat` fields 5–8
+/// and the discard fields), or `None` for a file.
+fn device_writes(path: &Path) -> Option<Vec<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let rdev = meta.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // write I/Os, write merges, write sectors; discard I/Os, merges, sectors.
+    let pick = [4usize, 5, 6, 11, 12, 13];
+    Some(
+        pick.iter()
+            .filter_map(|&i| fields.get(i).copied())
+            .collect(),
+    )
+}
+
+struct Tracking {
+    tracker: Option<WriteTracker>,
+    mode: TrackingMode,
+}
+
+fn start_tracking(opts: &SyncOptions, ro: &RunOptions, kind: VolumeKind) -> Tracking {
+    let interval = ro.scan_interval.as_secs();
+    if ro.force_scan {
+        info!(
+            interval_s = interval,
+            "change tracking: periodic full scans (asked for)"
+        );
+        return Tracking {
+            tracker: None,
+            mode: TrackingMode::PeriodicScan,
+        };
+    }
+    if kind == VolumeKind::File {
+        info!(
+            interval_s = interval,
+            "change tracking: periodic full scans (the volume is a regular file)"
+        );
+        return Tracking {
+            tracker: None,
+            mode: TrackingMode::PeriodicScan,
+        };
+    }
+    match WriteTracker::start(&opts.volume_path) {
+        Ok(t) => {
+            info!(tracker = %t.describe(), "change tracking: block-layer tracepoints");
+            Tracking {
+                tracker: Some(t),
+                mode: TrackingMode::Tracepoints,
+            }
+        }
+        Err(e) => {
+            warn!(interval_s = interval, "change tracking: tracepoints unavailable ({e}); falling back to periodic full scans");
+            Tracking {
+                tracker: None,
+                mode: TrackingMode::PeriodicScan,
+            }
+        }
+    }
+}
+
+/// The dirty set: block → when its first unreplicated write was seen.
+#[derive(Default)]
+struct DirtySet {
+    blocks: BTreeMap<u64, Instant>,
+}
+
+impl DirtySet {
+    fn mark_ranges(
+        &mut self,
+        ranges: &[(u64, u64)],
+        block_size: u64,
+        block_count: u64,
+        now: Instant,
+    ) {
+        for &(offset, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let first = offset / block_size;
+            let last = (offset.saturating_add(len) - 1) / block_size;
+            for b in first..=last.min(block_count.saturating_sub(1)) {
+                self.blocks.entry(b).or_insert(now);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: BTreeMap<u64, Instant>) {
+        for (b, t) in other {
+            let slot = self.blocks.entry(b).or_insert(t);
+            *slot = (*slot).min(t);
+        }
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.blocks.values().min().copied()
+    }
+}
+
+async fn replicate_volume(
+    opts: SyncOptions,
+    ro: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let files = RunState::new(&opts);
+    let kind = crate::volume::SourceVolume::open(&opts.volume_path)?.kind();
+    // Tracking first: every write from now on is seen.
+    let mut tracking = start_tracking(&opts, &ro, kind);
+    let unclean = files.running.exists();
+    let prior: Option<StopRecord> = std::fs::read(&files.stop)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let _ = std::fs::remove_file(&files.stop);
+    if let Some(dir) = files.running.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&files.running, std::process::id().to_string())
+        .with_context(|| format!("cannot write {}", files.running.display()))?;
+
+    let mut rep = Replicator::open(opts.clone()).await?;
+    let geometry = rep.geometry();
+    let bs = geometry.block_size.get() as u64;
+    let mut dirty = DirtySet::default();
+    let mut ranges = Vec::new();
+
+    let resume = match (&prior, unclean) {
+        (_, true) => {
+            warn!("the agent did not stop cleanly last time: rescanning");
+            None
+        }
+        (None, false) => None,
+        (Some(p), false) => {
+            if tracking.mode != TrackingMode::Tracepoints {
+                None
+            } else if p.boot_id != boot_id() {
+                info!("the machine rebooted since the agent stopped: rescanning");
+                None
+            } else if p.device_writes != device_writes(&opts.volume_path)
+                || p.device_writes.is_none()
+            {
+                info!("the volume was written while the agent was stopped: rescanning");
+                None
+            } else if rep.summary.fetched_digests {
+                info!("the agent index no longer matches the receiver: rescanning");
+                None
+            } else {
+                Some(p.dirty.clone())
+            }
+        }
+    };
+    let full_state = if rep.replica_was_complete() {
+        ReplicationState::Rescan
+    } else {
+        ReplicationState::InitialSync
+    };
+    match resume {
+        Some(blocks) => {
+            info!(
+                dirty_blocks = blocks.len(),
+                "clean restart: continuing with the saved dirty set"
+            );
+            let now = Instant::now();
+            for b in blocks {
+                if geometry.contains(b) {
+                    dirty.blocks.insert(b, now);
+                }
+            }
+        }
+        None => {
+            full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await?;
+        }
+    }
+
+    let freeze_at = if ro.freeze {
+        match (
+            tracking.mode,
+            crate::freeze::mount_point_of(&opts.volume_path),
+        ) {
+            (TrackingMode::Tracepoints, Some(mp)) => {
+                info!(mount_point = %mp.display(), "consistency points freeze the filesystem (FIFREEZE)");
+                Some(mp)
+            }
+            (TrackingMode::Tracepoints, None) => {
+                warn!("--freeze: no filesystem of this volume is mounted; epochs are crash-consistent only");
+                None
+            }
+            _ => {
+                warn!("--freeze needs tracepoint tracking; epochs are crash-consistent only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut freeze_stats = FreezeStats::default();
+
+    let mut tick = tokio::time::interval(match tracking.mode {
+        TrackingMode::PeriodicScan => ro.epoch_interval.min(Duration::from_secs(1)),
+        _ => ro.epoch_interval,
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_scan = Instant::now();
+    let mut last_durable = Instant::now();
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut retry_delay = Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        // Collect changes.
+        let mut need_rescan = false;
+        if let Some(tracker) = tracking.tracker.as_mut() {
+            ranges.clear();
+            match tracker.drain(&mut ranges) {
+                Ok(()) => {}
+                Err(TrackingError::Lost { overrun, dropped }) => {
+                    warn!(
+                        overrun,
+                        dropped, "write events were lost: rescanning the volume"
+                    );
+                    need_rescan = true;
+                }
+                Err(e) => {
+                    warn!("change tracking failed ({e}): rescanning the volume");
+                    need_rescan = true;
+                }
+            }
+            dirty.mark_ranges(&ranges, bs, geometry.block_count(), Instant::now());
+        } else if last_scan.elapsed() >= ro.scan_interval {
+            need_rescan = true;
+        }
+        if need_rescan {
+            let state = if tracking.mode == TrackingMode::PeriodicScan {
+                ReplicationState::Continuous
+            } else {
+                ReplicationState::Rescan
+            };
+            last_scan = Instant::now();
+            match full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await {
+                Ok(()) => {
+                    last_durable = Instant::now();
+                    retry_delay = Duration::from_millis(500);
+                }
+                Err(e) if is_retryable(&e) => {
+                    warn!("scan pass interrupted ({e:#}); retrying");
+                    tokio::time::sleep(retry_delay).await;
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        let lag = dirty.oldest().map_or(Duration::ZERO, |o| o.elapsed());
+        let state = if !dirty.blocks.is_empty() && last_durable.elapsed() > ro.stall_after {
+            ReplicationState::Stalled
+        } else if lag > ro.lag_threshold {
+            ReplicationState::Backlog
+        } else {
+            ReplicationState::Continuous
+        };
+        if dirty.blocks.is_empty() {
+            last_durable = Instant::now();
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                last_status = Instant::now();
+                if rep.ensure_connected().await.is_ok() {
+                    rep.report_status(status_now(state, &tracking, &ro, None, 0))
+                        .await;
+                }
+            }
+            continue;
+        }
+        // One atomic epoch with everything dirty now. With --freeze, the
+        // filesystem is frozen while the last changes are drained and the
+        // dirty blocks read, so the epoch is a clean filesystem image.
+        let mut frozen = None;
+        if let (Some(mp), Some(tracker)) = (&freeze_at, tracking.tracker.as_mut()) {
+            match crate::freeze::Frozen::freeze(mp) {
+                Ok(f) => {
+                    frozen = Some(f);
+                    ranges.clear();
+                    if let Err(e) = tracker.drain(&mut ranges) {
+                        warn!("change tracking failed while frozen ({e}); a rescan follows");
+                        drop(frozen.take());
+                        full_pass(
+                            &mut rep,
+                            &tracking,
+                            &ro,
+                            ReplicationState::Rescan,
+                            &mut shutdown,
+                        )
+                        .await?;
+                        continue;
+                    }
+                    dirty.mark_ranges(&ranges, bs, geometry.block_count(), Instant::now());
+                }
+                Err(e) => {
+                    warn!("cannot freeze the filesystem ({e}); this epoch is crash-consistent only")
+                }
+            }
+        }
+        let taken = std::mem::take(&mut dirty.blocks);
+        let oldest = taken.values().min().copied();
+        let block_list: Vec<u64> = taken.keys().copied().collect();
+        let producer = match frozen {
+            Some(f) => {
+                let prepared = rep.prepare_blocks(&block_list);
+                let held = f.thaw().map_err(anyhow::Error::new);
+                match (prepared, held) {
+                    (Ok(p), Ok(held)) => {
+                        freeze_stats.record(held);
+                        Producer::Prepared(p)
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        dirty.merge(taken);
+                        return Err(e.context("consistency point failed"));
+                    }
+                }
+            }
+            None => Producer::Blocks(block_list),
+        };
+        let template = StatusTemplate {
+            state,
+            tracking: tracking.mode,
+            scan_interval_s: ro.scan_interval.as_secs() as u32,
+            oldest_change: oldest,
+            extra_backlog: 0,
+        };
+        match rep
+            .pass(producer, PassMode::Atomic, Some(template), false)
+            .await
+        {
+            Ok(report) => {
+                last_durable = Instant::now();
+                retry_delay = Duration::from_millis(500);
+                tracing::debug!(
+                    epoch = report.epoch,
+                    dirty = taken.len(),
+                    sent = report.changed_blocks,
+                    "epoch durable"
+                );
+                last_status = Instant::now();
+                let oldest_left = dirty.oldest();
+                let backlog = dirty.blocks.len() as u64 * bs;
+                rep.report_status(status_now(
+                    ReplicationState::Continuous,
+                    &tracking,
+                    &ro,
+                    oldest_left,
+                    backlog,
+                ))
+                .await;
+            }
+            Err(e) if is_retryable(&e) => {
+                warn!("epoch interrupted ({e:#}); it will be sent again");
+                dirty.merge(taken);
+                tokio::time::sleep(retry_delay).await;
+                retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                dirty.merge(taken);
+                save_stop_record(
+                    &files,
+                    &opts,
+                    tracking.tracker.as_mut(),
+                    &mut dirty,
+                    bs,
+                    geometry.block_count(),
+                );
+                return Err(e);
+            }
+        }
+    }
+
+    // Clean stop.
+    if freeze_stats.count > 0 {
+        info!(
+            freezes = freeze_stats.count,
+            max_ms = freeze_stats.max.as_millis() as u64,
+            mean_ms = (freeze_stats.total.as_secs_f64() * 1000.0 / freeze_stats.count as f64),
+            "filesystem freeze times"
+        );
+    }
+    info!("stopping: saving the dirty set");
+    save_stop_record(
+        &files,
+        &opts,
+        tracking.tracker.as_mut(),
+        &mut dirty,
+        bs,
+        geometry.block_count(),
+    );
+    rep.save_index()?;
+    let _ = std::fs::remove_file(&files.running);
+    rep.close().await;
+    Ok(())
+}
+
+/// How long consistency points kept the filesystem frozen.
+#[derive(Default)]
+struct FreezeStats {
+    count: u64,
+    total: Duration,
+    max: Duration,
+}
+
+impl FreezeStats {
+    fn record(&mut self, held: Duration) {
+        self.count += 1;
+        self.total += held;
+        self.max = self.max.max(held);
+        tracing::debug!(
+            freeze_ms = held.as_secs_f64() * 1000.0,
+            "filesystem frozen for the consistency point"
+        );
+        if held > Duration::from_millis(200) {
+            warn!(
+                freeze_ms = held.as_millis() as u64,
+                "long filesystem freeze"
+            );
+        }
+    }
+}
+
+fn is_retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<EpochInterrupted>()) || e.to_string().contains("unreachable")
+}
+
+fn status_now(
+    state: ReplicationState,
+    tracking: &Tracking,
+    ro: &RunOptions,
+    oldest: Option<Instant>,
+    backlog_bytes: u64,
+) -> AgentStatus {
+    AgentStatus {
+        state,
+        progress_ppm: 1_000_000,
+        lag_ms: oldest.map_or(0, |o| o.elapsed().as_millis() as u64),
+        backlog_bytes,
+        tracking: tracking.mode,
+        scan_interval_s: ro.scan_interval.as_secs() as u32,
+        sent_at_unix_ms: unix_ms(),
+    }
+}
+
+async fn full_pass(
+    rep: &mut Replicator,
+    tracking: &Tracking,
+    ro: &RunOptions,
+    state: ReplicationState,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // The first pass of a replica (and a rescan after lost events) is resync
+    // traffic; later periodic scans are atomic epochs.
+    let mode = if state == ReplicationState::Continuous {
+        PassMode::Atomic
+    } else {
+        PassMode::Resync
+    };
+    info!(state = ?state, "full pass over the volume");
+    let template = StatusTemplate {
+        state,
+        tracking: tracking.mode,
+        scan_interval_s: ro.scan_interval.as_secs() as u32,
+        oldest_change: None,
+        extra_backlog: 0,
+    };
+    tokio::select! {
+        r = rep.pass(Producer::FullScan, mode, Some(template), state != ReplicationState::Continuous) => {
+            let report = r?;
+            info!(epoch = report.epoch, changed_blocks = report.changed_blocks, "full pass durable");
+            Ok(())
+        }
+        _ = shutdown.changed() => Err(anyhow::anyhow!("stopped during a full pass")),
+    }
+}
+
+fn save_stop_record(
+    files: &RunState,
+    opts: &SyncOptions,
+    tracker: Option<&mut WriteTracker>,
+    dirty: &mut DirtySet,
+    block_size: u64,
+    block_count: u64,
+) {
+    // Counters first, then the last drain: any write they count is drained.
+    let device_writes = device_writes(&opts.volume_path);
+    if let Some(t) = tracker {
+        let mut ranges = Vec::new();
+        if t.drain(&mut ranges).is_err() {
+            // Events lost: no record, so the next start rescans.
+            return;
+        }
+        dirty.mark_ranges(&ranges, block_size, block_count, Instant::now());
+    }
+    let record = StopRecord {
+        boot_id: boot_id(),
+        device_writes,
+        dirty: dirty.blocks.keys().copied().collect(),
+    };
+    let write = serde_json::to_vec(&record)
+        .map_err(anyhow::Error::new)
+        .and_then(|bytes| {
+            let tmp = files.stop.with_extension("stop.tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &files.stop)?;
+            Ok(())
+        });
+    if let Err(e) = write {
+        warn!("cannot save the dirty set ({e:#}); the next start will rescan");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_ranges_map_to_blocks() {
+        let mut d = DirtySet::default();
+        let now = Instant::now();
+        d.mark_ranges(
+            &[
+                (0, 1),
+                (65536 * 2 - 1, 2),
+                (65536 * 9, 65536),
+                (u64::MAX - 5, 0),
+            ],
+            65536,
+            10,
+            now,
+        );
+        assert_eq!(
+            d.blocks.keys().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2, 9]
+        );
+        // Writes past the end of the volume are clamped.
+        d.mark_ranges(&[(65536 * 20, 10)], 65536, 10, now);
+        assert_eq!(d.blocks.len(), 4);
+    }
+
+    #[test]
+    fn merge_keeps_the_oldest_time() {
+        let mut d = DirtySet::default();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        d.blocks.insert(1, t1);
+        d.merge(BTreeMap::from([(1, t0), (2, t1)]));
+        assert_eq!(d.blocks[&1], t0);
+        assert_eq!(d.oldest(), Some(t0));
+    }
+}
