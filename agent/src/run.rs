@@ -255,7 +255,16 @@ async fn replicate_volume(
     std::fs::write(&files.running, std::process::id().to_string())
         .with_context(|| format!("cannot write {}", files.running.display()))?;
 
-    let mut rep = Replicator::open(opts.clone()).await?;
+    let mut rep = match or_shutdown(&mut shutdown, Replicator::open(opts.clone())).await {
+        Some(r) => r?,
+        None => {
+            // Stopped before the receiver answered: nothing was replicated and
+            // no stop record is written, so the next start rescans.
+            info!("stopped before reaching the receiver");
+            let _ = std::fs::remove_file(&files.running);
+            return Ok(());
+        }
+    };
     let geometry = rep.geometry();
     let bs = geometry.block_size.get() as u64;
     let mut dirty = DirtySet::default();
@@ -305,9 +314,23 @@ async fn replicate_volume(
             }
         }
         None => {
-            full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await?;
+            match full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await {
+                Ok(()) => {}
+                Err(e) if e.is::<Stopped>() => {
+                    // No stop record: the next start runs the full pass again.
+                    info!("stopped during the first full pass");
+                    let _ = std::fs::remove_file(&files.running);
+                    rep.close().await;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
+    // Set while a full pass is owed; a stop then leaves no stop record, so the
+    // next start scans instead of trusting an incomplete dirty set.
+    let mut full_pass_owed = false;
+    let mut force_rescan = false;
 
     let freeze_at = if ro.freeze {
         match (
@@ -350,7 +373,7 @@ async fn replicate_volume(
             break;
         }
         // Collect changes.
-        let mut need_rescan = false;
+        let mut need_rescan = std::mem::take(&mut force_rescan);
         if let Some(tracker) = tracking.tracker.as_mut() {
             ranges.clear();
             match tracker.drain(&mut ranges) {
@@ -378,15 +401,24 @@ async fn replicate_volume(
                 ReplicationState::Rescan
             };
             last_scan = Instant::now();
+            full_pass_owed = true;
             match full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await {
                 Ok(()) => {
+                    full_pass_owed = false;
                     last_durable = Instant::now();
                     retry_delay = Duration::from_millis(500);
                 }
+                Err(e) if e.is::<Stopped>() => break,
                 Err(e) if is_retryable(&e) => {
                     warn!("scan pass interrupted ({e:#}); retrying");
-                    tokio::time::sleep(retry_delay).await;
+                    or_shutdown(&mut shutdown, tokio::time::sleep(retry_delay)).await;
                     retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
+                    last_scan = Instant::now() - ro.scan_interval;
+                    if tracking.tracker.is_some() {
+                        // Tracked volumes retry the rescan at the next tick.
+                        dirty.blocks.clear();
+                        force_rescan = true;
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -404,7 +436,7 @@ async fn replicate_volume(
             last_durable = Instant::now();
             if last_status.elapsed() >= Duration::from_secs(1) {
                 last_status = Instant::now();
-                if rep.ensure_connected().await.is_ok() {
+                if let Some(Ok(())) = or_shutdown(&mut shutdown, rep.ensure_connected()).await {
                     rep.report_status(status_now(state, &tracking, &ro, None, 0))
                         .await;
                 }
@@ -467,10 +499,18 @@ async fn replicate_volume(
             oldest_change: oldest,
             extra_backlog: 0,
         };
-        match rep
-            .pass(producer, PassMode::Atomic, Some(template), false)
-            .await
-        {
+        let outcome = or_shutdown(
+            &mut shutdown,
+            rep.pass(producer, PassMode::Atomic, Some(template), false),
+        )
+        .await;
+        let Some(outcome) = outcome else {
+            // Stopped mid-epoch: the receiver discards the partial epoch; its
+            // blocks stay dirty and go into the stop record.
+            dirty.merge(taken);
+            break;
+        };
+        match outcome {
             Ok(report) => {
                 last_durable = Instant::now();
                 retry_delay = Duration::from_millis(500);
@@ -495,7 +535,7 @@ async fn replicate_volume(
             Err(e) if is_retryable(&e) => {
                 warn!("epoch interrupted ({e:#}); it will be sent again");
                 dirty.merge(taken);
-                tokio::time::sleep(retry_delay).await;
+                or_shutdown(&mut shutdown, tokio::time::sleep(retry_delay)).await;
                 retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
             }
             Err(e) => {
@@ -522,15 +562,19 @@ async fn replicate_volume(
             "filesystem freeze times"
         );
     }
-    info!("stopping: saving the dirty set");
-    save_stop_record(
-        &files,
-        &opts,
-        tracking.tracker.as_mut(),
-        &mut dirty,
-        bs,
-        geometry.block_count(),
-    );
+    if full_pass_owed || force_rescan {
+        info!("stopping with a full pass still owed: the next start rescans");
+    } else {
+        info!("stopping: saving the dirty set");
+        save_stop_record(
+            &files,
+            &opts,
+            tracking.tracker.as_mut(),
+            &mut dirty,
+            bs,
+            geometry.block_count(),
+        );
+    }
     rep.save_index()?;
     let _ = std::fs::remove_file(&files.running);
     rep.close().await;
@@ -607,13 +651,38 @@ async fn full_pass(
         oldest_change: None,
         extra_backlog: 0,
     };
-    tokio::select! {
-        r = rep.pass(Producer::FullScan, mode, Some(template), state != ReplicationState::Continuous) => {
+    let show_progress = state != ReplicationState::Continuous;
+    let pass = rep.pass(Producer::FullScan, mode, Some(template), show_progress);
+    match or_shutdown(shutdown, pass).await {
+        Some(r) => {
             let report = r?;
-            info!(epoch = report.epoch, changed_blocks = report.changed_blocks, "full pass durable");
+            info!(
+                epoch = report.epoch,
+                changed_blocks = report.changed_blocks,
+                "full pass durable"
+            );
             Ok(())
         }
-        _ = shutdown.changed() => Err(anyhow::anyhow!("stopped during a full pass")),
+        None => Err(anyhow::Error::new(Stopped)),
+    }
+}
+
+/// The agent was asked to stop during a full pass.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped during a full pass")]
+struct Stopped;
+
+/// Runs `fut` unless and until a stop is requested; `None` if stopped.
+async fn or_shutdown<T>(
+    shutdown: &mut watch::Receiver<bool>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if *shutdown.borrow() {
+        return None;
+    }
+    tokio::select! {
+        r = fut => Some(r),
+        _ = shutdown.wait_for(|stop| *stop) => None,
     }
 }
 

@@ -313,15 +313,23 @@ impl Replicator {
             .collect();
         let (tx, mut rx) = mpsc::channel(wanted.len() + 1);
         let stats = ScanStats::default();
-        scan_blocks(
-            &self.volume,
-            self.geometry,
-            &wanted,
-            &self.opts.scan,
-            &stats,
-            &AtomicBool::new(false),
-            &tx,
-        )?;
+        // scan_blocks uses `blocking_send`, which panics on a runtime thread
+        // (this is called from the async `run` loop): run it on a plain thread.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                scan_blocks(
+                    &self.volume,
+                    self.geometry,
+                    &wanted,
+                    &self.opts.scan,
+                    &stats,
+                    &AtomicBool::new(false),
+                    &tx,
+                )
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })?;
         drop(tx);
         let mut out = Vec::with_capacity(wanted.len());
         while let Ok(b) = rx.try_recv() {
