@@ -61,7 +61,7 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Close an epoch at least this often while there are changes.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     epoch_interval: Duration,
     /// Interval of full scans where writes cannot be tracked (regular files,
     /// no tracepoint access).

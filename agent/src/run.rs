@@ -355,10 +355,12 @@ async fn replicate_volume(
     };
     let mut freeze_stats = FreezeStats::default();
 
-    let mut tick = tokio::time::interval(match tracking.mode {
-        TrackingMode::PeriodicScan => ro.epoch_interval.min(Duration::from_secs(1)),
-        _ => ro.epoch_interval,
-    });
+    // The tracker is drained often (so lag and backlog are known to within a
+    // tick, and a write is stamped with the previous drain's time: it cannot
+    // be older); an epoch is closed every epoch interval.
+    let mut tick = tokio::time::interval(ro.epoch_interval.min(DRAIN_TICK));
+    let mut last_drain = Instant::now();
+    let mut last_epoch = Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_scan = Instant::now();
     let mut last_durable = Instant::now();
@@ -390,7 +392,8 @@ async fn replicate_volume(
                     need_rescan = true;
                 }
             }
-            dirty.mark_ranges(&ranges, bs, geometry.block_count(), Instant::now());
+            dirty.mark_ranges(&ranges, bs, geometry.block_count(), last_drain);
+            last_drain = Instant::now();
         } else if last_scan.elapsed() >= ro.scan_interval {
             need_rescan = true;
         }
@@ -434,15 +437,19 @@ async fn replicate_volume(
         };
         if dirty.blocks.is_empty() {
             last_durable = Instant::now();
+        }
+        if dirty.blocks.is_empty() || last_epoch.elapsed() < ro.epoch_interval {
             if last_status.elapsed() >= Duration::from_secs(1) {
                 last_status = Instant::now();
+                let backlog = dirty.blocks.len() as u64 * bs;
+                let status = status_now(state, &tracking, &ro, dirty.oldest(), backlog);
                 if let Some(Ok(())) = or_shutdown(&mut shutdown, rep.ensure_connected()).await {
-                    rep.report_status(status_now(state, &tracking, &ro, None, 0))
-                        .await;
+                    rep.report_status(status).await;
                 }
             }
             continue;
         }
+        last_epoch = Instant::now();
         // One atomic epoch with everything dirty now. With --freeze, the
         // filesystem is frozen while the last changes are drained and the
         // dirty blocks read, so the epoch is a clean filesystem image.
@@ -465,7 +472,8 @@ async fn replicate_volume(
                         .await?;
                         continue;
                     }
-                    dirty.mark_ranges(&ranges, bs, geometry.block_count(), Instant::now());
+                    dirty.mark_ranges(&ranges, bs, geometry.block_count(), last_drain);
+                    last_drain = Instant::now();
                 }
                 Err(e) => {
                     warn!("cannot freeze the filesystem ({e}); this epoch is crash-consistent only")
@@ -520,17 +528,8 @@ async fn replicate_volume(
                     sent = report.changed_blocks,
                     "epoch durable"
                 );
-                last_status = Instant::now();
-                let oldest_left = dirty.oldest();
-                let backlog = dirty.blocks.len() as u64 * bs;
-                rep.report_status(status_now(
-                    ReplicationState::Continuous,
-                    &tracking,
-                    &ro,
-                    oldest_left,
-                    backlog,
-                ))
-                .await;
+                // Status goes out on its own one-second cadence between
+                // epochs, so the reports sample lag evenly.
             }
             Err(e) if is_retryable(&e) => {
                 warn!("epoch interrupted ({e:#}); it will be sent again");
@@ -580,6 +579,9 @@ async fn replicate_volume(
     rep.close().await;
     Ok(())
 }
+
+/// How often the write tracker is drained.
+const DRAIN_TICK: Duration = Duration::from_millis(100);
 
 /// How long consistency points kept the filesystem frozen.
 #[derive(Default)]

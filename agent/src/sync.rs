@@ -395,6 +395,10 @@ impl Replicator {
         let stats = Arc::new(ScanStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
+        let producer_kind = match &producer {
+            Producer::FullScan => ProducerKind::FullScan,
+            _ => ProducerKind::Listed,
+        };
         let total_blocks = match &producer {
             Producer::FullScan => self.geometry.block_count(),
             Producer::Blocks(b) => b.len() as u64,
@@ -468,7 +472,12 @@ impl Replicator {
             status,
             total_blocks,
             stats: stats.clone(),
-            last_status: Instant::now() - Duration::from_secs(10),
+            // Full passes report at once; an epoch only if it takes a while
+            // (between epochs the caller reports on its own cadence).
+            last_status: match producer_kind {
+                ProducerKind::FullScan => Instant::now() - Duration::from_secs(10),
+                ProducerKind::Listed => Instant::now(),
+            },
         };
         let result = loop {
             let Some(link) = self.link.as_mut() else {
@@ -556,6 +565,12 @@ impl Replicator {
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
     }
+}
+
+#[derive(Clone, Copy)]
+enum ProducerKind {
+    FullScan,
+    Listed,
 }
 
 /// An atomic epoch was cut short by a lost connection; send it again.
