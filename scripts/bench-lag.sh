@@ -23,7 +23,7 @@ set -euo pipefail
 RATE=${RATE:-50MiB}
 SECONDS_LOAD=${SECONDS_LOAD:-60}
 SIZE_MIB=${SIZE_MIB:-1024}
-EPOCH_INTERVAL=${EPOCH_INTERVAL:-1s}
+EPOCH_INTERVAL=${EPOCH_INTERVAL:-500ms}
 BLOCK=${BLOCK:-64KiB}
 SEED=${SEED:-1}
 POLL=${POLL:-50ms}
@@ -81,7 +81,7 @@ if [ "${SKIP_BUILD:-0}" = 1 ]; then
 else
     step "building release binaries"
     cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver -p lifeboat-benches --examples
+        -p lifeboat-agent -p lifeboat-receiver -p lifeboat-benches --bins --examples
 fi
 for bin in "$AGENT" "$RECEIVER" "$LOAD"; do
     [ -x "$bin" ] || { echo "missing $bin: build it first" >&2; exit 1; }

@@ -331,6 +331,7 @@ async fn replicate_volume(
     // next start scans instead of trusting an incomplete dirty set.
     let mut full_pass_owed = false;
     let mut force_rescan = false;
+    let mut only_thaw_writes = false;
 
     let freeze_at = if ro.freeze {
         match (
@@ -391,6 +392,9 @@ async fn replicate_volume(
                     warn!("change tracking failed ({e}): rescanning the volume");
                     need_rescan = true;
                 }
+            }
+            if !ranges.is_empty() {
+                only_thaw_writes = false;
             }
             dirty.mark_ranges(&ranges, bs, geometry.block_count(), last_drain);
             last_drain = Instant::now();
@@ -454,7 +458,12 @@ async fn replicate_volume(
         // filesystem is frozen while the last changes are drained and the
         // dirty blocks read, so the epoch is a clean filesystem image.
         let mut frozen = None;
-        if let (Some(mp), Some(tracker)) = (&freeze_at, tracking.tracker.as_mut()) {
+        // Thawing rewrites the superblock; an epoch holding only what the
+        // thaw itself wrote goes without a freeze, or an idle filesystem
+        // would be frozen and thawed for ever.
+        let freeze_now = !std::mem::take(&mut only_thaw_writes);
+        if let (Some(mp), Some(tracker), true) = (&freeze_at, tracking.tracker.as_mut(), freeze_now)
+        {
             match crate::freeze::Frozen::freeze(mp) {
                 Ok(f) => {
                     frozen = Some(f);
@@ -490,6 +499,17 @@ async fn replicate_volume(
                 match (prepared, held) {
                     (Ok(p), Ok(held)) => {
                         freeze_stats.record(held);
+                        // What the thaw wrote is drained now, so it is told
+                        // apart from later writes.
+                        if let Some(tracker) = tracking.tracker.as_mut() {
+                            ranges.clear();
+                            if tracker.drain(&mut ranges).is_err() {
+                                force_rescan = true;
+                            }
+                            dirty.mark_ranges(&ranges, bs, geometry.block_count(), last_drain);
+                            last_drain = Instant::now();
+                            only_thaw_writes = !dirty.blocks.is_empty();
+                        }
                         Producer::Prepared(p)
                     }
                     (Err(e), _) | (_, Err(e)) => {
@@ -506,6 +526,7 @@ async fn replicate_volume(
             scan_interval_s: ro.scan_interval.as_secs() as u32,
             oldest_change: oldest,
             extra_backlog: 0,
+            lag_threshold: Some(ro.lag_threshold),
         };
         let outcome = or_shutdown(
             &mut shutdown,
@@ -652,6 +673,7 @@ async fn full_pass(
         scan_interval_s: ro.scan_interval.as_secs() as u32,
         oldest_change: None,
         extra_backlog: 0,
+        lag_threshold: None,
     };
     let show_progress = state != ReplicationState::Continuous;
     let pass = rep.pass(Producer::FullScan, mode, Some(template), show_progress);

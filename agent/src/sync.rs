@@ -161,6 +161,8 @@ pub struct StatusTemplate {
     pub oldest_change: Option<Instant>,
     /// Backlog bytes besides the pass's own unsent part.
     pub extra_backlog: u64,
+    /// Lag above which a `Continuous` state is reported as `Backlog`.
+    pub lag_threshold: Option<Duration>,
 }
 
 /// One volume's replication to the receiver: the source volume, the reference
@@ -623,14 +625,25 @@ impl PassState {
         } else {
             scanned as f64 / self.total_blocks as f64
         };
-        let unsent = self.total_blocks.saturating_sub(scanned) * block_size;
+        // An atomic epoch is acknowledged as a whole: all of it is backlog
+        // until it is durable. A resync pass: what is unread or unacknowledged.
+        let pending = match self.mode {
+            PassMode::Atomic => self.total_blocks * block_size,
+            PassMode::Resync => {
+                self.total_blocks.saturating_sub(scanned) * block_size
+                    + self.in_flight.len() as u64 * block_size
+            }
+        };
+        let lag = t.oldest_change.map_or(Duration::ZERO, |o| o.elapsed());
+        let state = match (t.state, t.lag_threshold) {
+            (ReplicationState::Continuous, Some(limit)) if lag > limit => ReplicationState::Backlog,
+            (s, _) => s,
+        };
         Some(AgentStatus {
-            state: t.state,
+            state,
             progress_ppm: (progress.clamp(0.0, 1.0) * 1_000_000.0) as u32,
-            lag_ms: t
-                .oldest_change
-                .map_or(0, |o| o.elapsed().as_millis() as u64),
-            backlog_bytes: t.extra_backlog + unsent + self.in_flight.len() as u64 * block_size,
+            lag_ms: lag.as_millis() as u64,
+            backlog_bytes: t.extra_backlog + pending,
             tracking: t.tracking,
             scan_interval_s: t.scan_interval_s,
             sent_at_unix_ms: unix_ms(),
