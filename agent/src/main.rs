@@ -180,14 +180,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.bundle)
-        .with_context(|| format!("cannot read bundle {}", args.bundle.display()))?;
-    let bundle = Bundle::from_toml(&text)
-        .with_context(|| format!("bundle {} is unusable", args.bundle.display()))?;
-    let mut scan = ScanOptions::default();
-    if let Some(t) = args.threads {
-        scan.threads = t.max(1);
-    }
+    let bundle = load_bundle(&args.bundle)?;
+    let scan = scan_options(args.threads);
     let opts = SyncOptions {
         bundle,
         volume_path: args.volume,
@@ -201,10 +195,7 @@ fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
         scan,
         window_bytes: 64 << 20,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = async_runtime()?;
     let summary = runtime.block_on(lifeboat_agent::sync::sync(opts))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -228,14 +219,8 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
             anyhow::bail!("volume name {n} is given twice");
         }
     }
-    let text = std::fs::read_to_string(&args.bundle)
-        .with_context(|| format!("cannot read bundle {}", args.bundle.display()))?;
-    let bundle = Bundle::from_toml(&text)
-        .with_context(|| format!("bundle {} is unusable", args.bundle.display()))?;
-    let mut scan = ScanOptions::default();
-    if let Some(t) = args.threads {
-        scan.threads = t.max(1);
-    }
+    let bundle = load_bundle(&args.bundle)?;
+    let scan = scan_options(args.threads);
     let volumes = args
         .volume
         .iter()
@@ -262,10 +247,7 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
         force_scan: args.scan_only,
         freeze: args.freeze,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = async_runtime()?;
     runtime.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -286,6 +268,27 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
         });
         lifeboat_agent::run::run(volumes, ro, rx).await
     })
+}
+
+fn load_bundle(path: &std::path::Path) -> anyhow::Result<Bundle> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read bundle {}", path.display()))?;
+    Bundle::from_toml(&text).with_context(|| format!("bundle {} is unusable", path.display()))
+}
+
+fn scan_options(threads: Option<usize>) -> ScanOptions {
+    let mut scan = ScanOptions::default();
+    if let Some(t) = threads {
+        scan.threads = t.max(1);
+    }
+    scan
+}
+
+fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn print_summary(s: &SyncSummary) {

@@ -97,6 +97,46 @@ pub fn diff_chunk(
     counts
 }
 
+/// Encodes one changed block found at byte `offset` of `chunk`. A block that
+/// travels raw shares the chunk's buffer instead of being copied.
+fn encode_changed(
+    encoder: &mut BlockEncoder,
+    chunk: &Bytes,
+    offset: usize,
+    index: u64,
+    digest: BlockHash,
+    bytes: &[u8],
+    zero: bool,
+) -> ChangedBlock {
+    let (encoding, payload) = if zero {
+        (Encoding::Zero, Bytes::new())
+    } else {
+        match encoder.encode(bytes) {
+            (Encoding::Raw, _) => (Encoding::Raw, chunk.slice(offset..offset + bytes.len())),
+            other => other,
+        }
+    };
+    ChangedBlock {
+        index,
+        digest,
+        encoding,
+        raw_len: bytes.len() as u32,
+        payload,
+    }
+}
+
+impl ScanStats {
+    /// Adds what one chunk of `bytes` bytes held.
+    pub fn add(&self, counts: ChunkCounts, bytes: u64) {
+        self.scanned_blocks
+            .fetch_add(counts.blocks, Ordering::Relaxed);
+        self.scanned_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.zero_blocks.fetch_add(counts.zero, Ordering::Relaxed);
+        self.changed_blocks
+            .fetch_add(counts.changed, Ordering::Relaxed);
+    }
+}
+
 /// Settings of a scan.
 #[derive(Clone, Debug)]
 pub struct ScanOptions {
@@ -154,39 +194,22 @@ pub fn scan_volume(
                         reference,
                         &zero_digest,
                         |index, digest, bytes, zero| {
-                            let (encoding, payload) = if zero {
-                                (Encoding::Zero, Bytes::new())
-                            } else {
-                                match encoder.encode(bytes) {
-                                    (Encoding::Raw, _) => {
-                                        let off = ((index - first) as usize) * bs;
-                                        (Encoding::Raw, chunk.slice(off..off + bytes.len()))
-                                    }
-                                    other => other,
-                                }
-                            };
-                            let block = ChangedBlock {
+                            let rel = (index - first) as usize;
+                            let block = encode_changed(
+                                &mut encoder,
+                                &chunk,
+                                rel * bs,
                                 index,
                                 digest,
-                                encoding,
-                                raw_len: bytes.len() as u32,
-                                payload,
-                            };
+                                bytes,
+                                zero,
+                            );
                             if out.blocking_send(block).is_err() {
                                 stop.store(true, Ordering::Relaxed);
                             }
                         },
                     );
-                    stats
-                        .scanned_blocks
-                        .fetch_add(counts.blocks, Ordering::Relaxed);
-                    stats
-                        .scanned_bytes
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    stats.zero_blocks.fetch_add(counts.zero, Ordering::Relaxed);
-                    stats
-                        .changed_blocks
-                        .fetch_add(counts.changed, Ordering::Relaxed);
+                    stats.add(counts, chunk.len() as u64);
                 }
             });
         }
@@ -304,39 +327,21 @@ pub fn scan_blocks(
             &zero_digest,
             |rel, digest, bytes, zero| {
                 let index = first + rel;
-                let (encoding, payload) = if zero {
-                    (Encoding::Zero, Bytes::new())
-                } else {
-                    match encoder.encode(bytes) {
-                        (Encoding::Raw, _) => {
-                            let off = (rel as usize) * bs;
-                            (Encoding::Raw, chunk.slice(off..off + bytes.len()))
-                        }
-                        other => other,
-                    }
-                };
-                let block = ChangedBlock {
+                let block = encode_changed(
+                    &mut encoder,
+                    &chunk,
+                    rel as usize * bs,
                     index,
                     digest,
-                    encoding,
-                    raw_len: bytes.len() as u32,
-                    payload,
-                };
+                    bytes,
+                    zero,
+                );
                 if out.blocking_send(block).is_err() {
                     failed = true;
                 }
             },
         );
-        stats
-            .scanned_blocks
-            .fetch_add(counts.blocks, Ordering::Relaxed);
-        stats
-            .scanned_bytes
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        stats.zero_blocks.fetch_add(counts.zero, Ordering::Relaxed);
-        stats
-            .changed_blocks
-            .fetch_add(counts.changed, Ordering::Relaxed);
+        stats.add(counts, chunk.len() as u64);
         if failed {
             return Ok(());
         }

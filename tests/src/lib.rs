@@ -755,3 +755,64 @@ pub fn assert_identical(source: &Path, replica: &Path) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Loop devices.
+
+/// Why loop devices cannot be used here, if they cannot.
+pub fn loop_unavailable() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
+    if uid != 0 {
+        return Some(format!("not running as root (uid {uid})"));
+    }
+    match Command::new("losetup").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!("losetup --version failed: {}", o.status)),
+        Err(e) => Some(format!("losetup not found: {e}")),
+    }
+}
+
+/// Detaches the loop device when dropped, whatever the test did.
+pub struct LoopDevice {
+    /// The device, e.g. `/dev/loop3`.
+    pub dev: PathBuf,
+    /// The file behind it.
+    pub backing: PathBuf,
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Attaches `backing` read-write to a free loop device.
+pub fn attach(backing: &Path) -> Result<LoopDevice, String> {
+    attach_with(backing, &["-f", "--show"])
+}
+
+/// Attaches `backing` with the given `losetup` arguments.
+pub fn attach_with(backing: &Path, args: &[&str]) -> Result<LoopDevice, String> {
+    let out = Command::new("losetup")
+        .args(args)
+        .arg(backing)
+        .output()
+        .map_err(|e| format!("cannot run losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup -f --show failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if dev.is_empty() {
+        return Err("losetup printed no device".into());
+    }
+    Ok(LoopDevice {
+        dev: PathBuf::from(dev),
+        backing: backing.to_path_buf(),
+    })
+}

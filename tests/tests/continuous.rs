@@ -9,7 +9,7 @@
 //! address is 127.0.0.1.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,8 +20,8 @@ use lifeboat_protocol::index::HashIndex;
 use lifeboat_protocol::{ServerName, VolumeName};
 use lifeboat_receiver::replica::{Replica, ReplicaPaths};
 use lifeboat_tests::{
-    assert_identical, binaries, change_blocks, file_digest, first_difference, run,
-    write_mixed_image, Receiver, BLOCK, SERVER,
+    assert_identical, attach, attach_with, binaries, change_blocks, file_digest, first_difference,
+    loop_unavailable, run, write_mixed_image, LoopDevice, Receiver, BLOCK, SERVER,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -33,60 +33,6 @@ const FALLING_BACK: &str = "falling back to periodic full scans";
 
 // ---------------------------------------------------------------------------
 // Machine capabilities.
-
-/// Why loop devices cannot be used here, if they cannot.
-fn loop_unavailable() -> Option<String> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX);
-    if uid != 0 {
-        return Some(format!("not running as root (uid {uid})"));
-    }
-    match Command::new("losetup").arg("--version").output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!("losetup --version failed: {}", o.status)),
-        Err(e) => Some(format!("losetup not found: {e}")),
-    }
-}
-
-/// Detaches the loop device when dropped, whatever the test did.
-struct LoopDevice {
-    dev: PathBuf,
-    backing: PathBuf,
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Attaches `backing` read-write to a free loop device.
-fn attach(backing: &Path) -> Result<LoopDevice, String> {
-    attach_with(backing, &["-f", "--show"])
-}
-
-fn attach_with(backing: &Path, args: &[&str]) -> Result<LoopDevice, String> {
-    let out = Command::new("losetup")
-        .args(args)
-        .arg(backing)
-        .output()
-        .map_err(|e| format!("cannot run losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "losetup -f --show failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if dev.is_empty() {
-        return Err("losetup printed no device".into());
-    }
-    Ok(LoopDevice {
-        dev: PathBuf::from(dev),
-        backing: backing.to_path_buf(),
-    })
-}
 
 /// A zero-filled (sparse) file of `bytes` attached to a loop device.
 fn zero_loop(rx: &Receiver, label: &str, bytes: u64) -> Result<LoopDevice, String> {

@@ -2,57 +2,10 @@
 //! machine allows it (root and a working `losetup`); skipped with a printed
 //! reason otherwise.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use lifeboat_tests::{assert_identical, field_u64, run_sync, write_mixed_image, Receiver, BLOCK};
-
-/// Detaches the loop device when dropped, whatever the test did.
-struct LoopDevice(PathBuf);
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn attach(image: &Path) -> Result<LoopDevice, String> {
-    attach_with(image, &["-f", "--show", "--read-only"])
-}
-
-fn attach_with(image: &Path, args: &[&str]) -> Result<LoopDevice, String> {
-    let out = Command::new("losetup")
-        .args(args)
-        .arg(image)
-        .output()
-        .map_err(|e| format!("cannot run losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "losetup -f failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if dev.is_empty() {
-        return Err("losetup printed no device".into());
-    }
-    Ok(LoopDevice(PathBuf::from(dev)))
-}
-
-/// Why loop devices cannot be used here, if they cannot.
-fn loop_unavailable() -> Option<String> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX);
-    if uid != 0 {
-        return Some(format!("not running as root (uid {uid})"));
-    }
-    if Command::new("losetup").arg("--version").output().is_err() {
-        return Some("losetup not found".into());
-    }
-    None
-}
+use lifeboat_tests::{
+    assert_identical, attach_with, field_u64, loop_unavailable, run_sync, write_mixed_image,
+    Receiver, BLOCK,
+};
 
 #[test]
 fn loop_device_source() {
@@ -62,7 +15,7 @@ fn loop_device_source() {
     }
     let rx = Receiver::start();
     let image = write_mixed_image(&rx.image_path("loop"), 512, BLOCK, 0x100_0001);
-    let dev = match attach(&image.path) {
+    let dev = match attach_with(&image.path, &["-f", "--show", "--read-only"]) {
         Ok(d) => d,
         Err(reason) => {
             println!("SKIP loop_device_source: {reason}");
@@ -70,7 +23,7 @@ fn loop_device_source() {
         }
     };
     let state = rx.agent_state("l");
-    let out = run_sync(&rx.bundle, &dev.0, "data", &state, &[]);
+    let out = run_sync(&rx.bundle, &dev.dev, "data", &state, &[]);
     let summary = out.json();
     assert_eq!(
         field_u64(&summary, "volume_bytes"),
@@ -90,7 +43,7 @@ fn loop_device_source() {
     assert_identical(&image.path, &rx.staging("data"));
 
     // A second pass from the device sends nothing.
-    let again = run_sync(&rx.bundle, &dev.0, "data", &state, &[]).json();
+    let again = run_sync(&rx.bundle, &dev.dev, "data", &state, &[]).json();
     assert_eq!(field_u64(&again, "changed_blocks"), 0, "{again}");
     drop(dev);
 }
@@ -125,7 +78,7 @@ fn loop_device_staging_target() {
     let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
     text.push_str(&format!(
         "\n[[volume]]\nserver = \"web-1\"\nvolume = \"data\"\npath = \"{}\"\n",
-        dev.0.display()
+        dev.dev.display()
     ));
     std::fs::write(&config, text).expect("write receiver.toml");
     rx.serve();
