@@ -816,3 +816,34 @@ pub fn attach_with(backing: &Path, args: &[&str]) -> Result<LoopDevice, String> 
         backing: backing.to_path_buf(),
     })
 }
+
+// ---------------------------------------------------------------------------
+// Skips.
+
+/// Where skipped tests are recorded: `target/lifeboat-test-skips.txt`, which
+/// `.ci/run` prints after the test run (cargo hides a passing test's output, so
+/// a `SKIP` line alone would not show which tests really ran).
+pub fn skip_report_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .find(|p| p.file_name().is_some_and(|n| n == "target"))
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(std::env::temp_dir)
+        .join("lifeboat-test-skips.txt")
+}
+
+/// Records that test `name` is skipped on this machine, and why.
+pub fn skip(name: &str, reason: &str) {
+    let line = format!("SKIP {name}: {reason}");
+    println!("{line}");
+    if let Ok(mut f) = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_report_path())
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}

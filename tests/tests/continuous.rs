@@ -21,7 +21,7 @@ use lifeboat_protocol::{ServerName, VolumeName};
 use lifeboat_receiver::replica::{Replica, ReplicaPaths};
 use lifeboat_tests::{
     assert_identical, attach, attach_with, binaries, change_blocks, file_digest, first_difference,
-    loop_unavailable, run, write_mixed_image, LoopDevice, Receiver, BLOCK, SERVER,
+    loop_unavailable, run, skip, write_mixed_image, LoopDevice, Receiver, BLOCK, SERVER,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -569,14 +569,14 @@ fn start_tracked(
 fn ext4_on_loop_device_replicates_continuously() {
     const NAME: &str = "ext4_on_loop_device_replicates_continuously";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
     let (fs_dev, mut mount) = match ext4_on_loop(&rx, "fs") {
         Ok(x) => x,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -591,7 +591,7 @@ fn ext4_on_loop_device_replicates_continuously() {
     ) {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -683,7 +683,7 @@ fn ext4_on_loop_device_replicates_continuously() {
 fn agent_kill9_during_workload_rescans_and_converges() {
     const NAME: &str = "agent_kill9_during_workload_rescans_and_converges";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
@@ -693,7 +693,7 @@ fn agent_kill9_during_workload_rescans_and_converges() {
     let agent = match start_tracked(&rx, &[(&dev.dev, "data")], &state, &[], "k9-first") {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -927,7 +927,7 @@ fn recovered_copy(rx: &Receiver, volume: &str, into: &Path) -> Recovered {
 fn receiver_kill9_mid_epoch_keeps_an_epoch_boundary() {
     const NAME: &str = "receiver_kill9_mid_epoch_keeps_an_epoch_boundary";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let mut rx = Receiver::start();
@@ -941,7 +941,7 @@ fn receiver_kill9_mid_epoch_keeps_an_epoch_boundary() {
     let agent = match start_tracked(&rx, &[(&dev.dev, "data")], &state, &[], "rec") {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -1075,12 +1075,12 @@ fn debugfs_cat(image: &Path, file: &str) -> Option<String> {
 fn freeze_consistency_points_leave_fsck_clean_staging() {
     const NAME: &str = "freeze_consistency_points_leave_fsck_clean_staging";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     for tool in ["fsck.ext4", "debugfs", "dumpe2fs"] {
         if Command::new(tool).arg("-V").output().is_err() {
-            println!("SKIP {NAME}: {tool} not found");
+            skip(NAME, &format!("{tool} not found"));
             return;
         }
     }
@@ -1088,7 +1088,7 @@ fn freeze_consistency_points_leave_fsck_clean_staging() {
     let (fs_dev, mount) = match ext4_on_loop(&rx, "frz") {
         Ok(x) => x,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -1097,7 +1097,7 @@ fn freeze_consistency_points_leave_fsck_clean_staging() {
     {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -1263,21 +1263,21 @@ fn freeze_consistency_points_leave_fsck_clean_staging() {
 fn freeze_on_an_idle_filesystem_settles() {
     const NAME: &str = "freeze_on_an_idle_filesystem_settles";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
     let (fs_dev, mount) = match ext4_on_loop(&rx, "idle") {
         Ok(x) => x,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
     let state = rx.agent_state("idle");
     let mut agent = run_agent(&rx, &[(&fs_dev.dev, "data")], &state, &["--freeze"], "idle");
     if let Err(reason) = agent.tracepoints(1) {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     agent.expect_log(
@@ -1370,7 +1370,7 @@ fn scan_fallback_for_regular_files() {
 fn scan_only_on_a_block_device() {
     const NAME: &str = "scan_only_on_a_block_device";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
@@ -1419,7 +1419,7 @@ fn scan_only_on_a_block_device() {
 fn backlog_state_when_lag_exceeds_threshold() {
     const NAME: &str = "backlog_state_when_lag_exceeds_threshold";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
@@ -1434,7 +1434,7 @@ fn backlog_state_when_lag_exceeds_threshold() {
     ) {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };
@@ -1513,7 +1513,7 @@ fn backlog_state_when_lag_exceeds_threshold() {
 fn clean_restart_continues_without_rescan() {
     const NAME: &str = "clean_restart_continues_without_rescan";
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP {NAME}: {reason}");
+        skip(NAME, &reason);
         return;
     }
     let rx = Receiver::start();
@@ -1524,7 +1524,7 @@ fn clean_restart_continues_without_rescan() {
     let agent = match start_tracked(&rx, vols, &state, &[], "cr-1") {
         Ok(a) => a,
         Err(reason) => {
-            println!("SKIP {NAME}: {reason}");
+            skip(NAME, &reason);
             return;
         }
     };

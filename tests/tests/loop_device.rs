@@ -3,14 +3,14 @@
 //! reason otherwise.
 
 use lifeboat_tests::{
-    assert_identical, attach_with, field_u64, loop_unavailable, run_sync, write_mixed_image,
+    assert_identical, attach_with, field_u64, loop_unavailable, run_sync, skip, write_mixed_image,
     Receiver, BLOCK,
 };
 
 #[test]
 fn loop_device_source() {
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP loop_device_source: {reason}");
+        skip("loop_device_source", &reason);
         return;
     }
     let rx = Receiver::start();
@@ -18,7 +18,7 @@ fn loop_device_source() {
     let dev = match attach_with(&image.path, &["-f", "--show", "--read-only"]) {
         Ok(d) => d,
         Err(reason) => {
-            println!("SKIP loop_device_source: {reason}");
+            skip("loop_device_source", &reason);
             return;
         }
     };
@@ -55,7 +55,7 @@ fn loop_device_source() {
 #[test]
 fn loop_device_staging_target() {
     if let Some(reason) = loop_unavailable() {
-        println!("SKIP loop_device_staging_target: {reason}");
+        skip("loop_device_staging_target", &reason);
         return;
     }
     let mut rx = Receiver::init_only();
@@ -70,7 +70,7 @@ fn loop_device_staging_target() {
     let dev = match attach_with(&backing, &["-f", "--show"]) {
         Ok(d) => d,
         Err(reason) => {
-            println!("SKIP loop_device_staging_target: {reason}");
+            skip("loop_device_staging_target", &reason);
             return;
         }
     };
