@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod fsutil;
+pub mod pit;
 pub mod pki;
 pub mod replica;
 pub mod server;
 pub mod staging;
 pub mod status;
+pub mod store;

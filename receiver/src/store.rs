@@ -1,0 +1,1027 @@
+//! The snapshot store: content-addressed chunks and PIT manifests in an object
+//! store.
+//!
+//! [`Store`] is the one seam between Lifeboat and the [`object_store`] crate: a
+//! local directory ([`LocalFileSystem`], the default, under the receiver's
+//! directory) or S3 / an S3-compatible server ([`AmazonS3Builder`]). Everything
+//! above it (PIT manifests in [`crate::pit`], and later `launch` and `gc`) speaks
+//! in *keys*, strings relative to the store's prefix, and never sees an
+//! `object_store` type.
+//!
+//! ## Where a store lives ([`StoreUrl`])
+//! - `file:///abs/path`, or a bare absolute path: a directory, created if absent.
+//!   Writes are fsynced (file and parent directory) before they return, matching
+//!   the durability an S3 `PUT` promises. The path is taken literally (no
+//!   percent-decoding).
+//! - `s3://bucket/prefix`: credentials, region and endpoint from the usual AWS
+//!   environment variables ([`AmazonS3Builder::from_env`]); [`S3Settings`]
+//!   (from `receiver.toml` or flags) overrides endpoint, region and plain-HTTP.
+//!   Setting an endpoint also selects path-style requests, which S3-compatible
+//!   servers (MinIO, s3s-fs, Ceph) expect.
+//!
+//! ## Key layout
+//! ```text
+//! <prefix>/chunks/<2 hex>/<64 hex>                               one block, by BLAKE3 digest
+//! <prefix>/pits/<server>/<volume>/<20-digit epoch>-<pit id>.manifest
+//! ```
+//! Chunks fan out on the first digest byte so no directory of a local store
+//! holds more than 1/256 of them. Manifest keys sort by epoch (zero-padded to 20
+//! digits, the width of `u64::MAX`), so a listing is already in replication
+//! order. Server and volume names are validated ([`ServerName`], [`VolumeName`])
+//! before they become key segments.
+//!
+//! ## Chunk format
+//! ```text
+//! u8  encoding    0 raw, 1 zstd, 2 zero (lifeboat_protocol::Encoding)
+//! u32 raw_len     little-endian: the block's length
+//! ..  payload     raw bytes / one zstd frame / empty
+//! ```
+//! The same encoding as a `Block` frame on the wire ([`BlockEncoder`]: zstd
+//! level 1, kept only when strictly smaller; all-zero blocks are a marker).
+//! Encoding bytes 3–255 are unused; a new chunk format takes one of them, so
+//! old readers reject new chunks with a clear error instead of misreading them.
+//! [`Store::get_chunk`] bounds the object by the expected block length before
+//! reading it, decodes, and verifies the BLAKE3 digest: nothing read from a
+//! store is trusted.
+//!
+//! ## Invariants
+//! - **Chunks are create-only and content-addressed**: [`Store::put_if_absent`]
+//!   with `PutMode::Create`; a chunk that exists is never rewritten, so a chunk
+//!   shared by many PITs and volumes is stored once. [`Store::put_chunk`]
+//!   re-hashes the block before storing it, because a chunk stored under the
+//!   wrong digest would never be repaired by a later write.
+//! - **Manifests are create-only**: [`Store::put_new`] fails with
+//!   [`StoreError::Exists`] rather than replace an object, so two receivers
+//!   writing the same volume can never clobber each other's PITs.
+//! - **A manifest is written only after all its chunks are stored** (the
+//!   caller's duty, see [`crate::pit`]); a put's success means durable, so a
+//!   listed manifest never names a chunk that is not there (until `gc` errs).
+//! - Every write is atomic (the local store writes a staging file and links it
+//!   into place), so a receiver killed mid-write leaves no partial object.
+//!
+//! ## Async and CPU
+//! Methods are `async` (object stores are remote). Chunk compression and
+//! verification are synchronous CPU work done inline with one zstd context per
+//! thread; a caller moving many large blocks can do that work in
+//! `spawn_blocking` with [`encode_chunk`] / [`decode_chunk`] and use the plain
+//! key methods for IO.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lifeboat_protocol::block::{BlockDecoder, BlockEncoder, Encoding};
+use lifeboat_protocol::names::NameError;
+use lifeboat_protocol::{BlockHash, ServerName, VolumeName};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
+
+/// Length of a chunk object's header (encoding byte + raw length).
+pub const CHUNK_HEADER_LEN: usize = 5;
+
+/// Top-level key segment of chunks.
+pub const CHUNKS_DIR: &str = "chunks";
+/// Top-level key segment of PIT manifests.
+pub const PITS_DIR: &str = "pits";
+/// Suffix of manifest keys.
+pub const MANIFEST_SUFFIX: &str = ".manifest";
+
+/// Errors of the snapshot store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A store URL could not be parsed or opened.
+    #[error("store {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key is not a valid object path.
+    #[error("store {url}: invalid key {key:?}: {reason}")]
+    BadKey {
+        /// The store's URL.
+        url: String,
+        /// The rejected key.
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A server or volume name is not safe as a key segment.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A create-only write found the object already present.
+    #[error("store {url}: object {key} already exists; refusing to overwrite it")]
+    Exists {
+        /// The store's URL.
+        url: String,
+        /// The key that exists.
+        key: String,
+    },
+    /// The object is not in the store.
+    #[error("store {url}: object {key} is missing")]
+    Missing {
+        /// The store's URL.
+        url: String,
+        /// The missing key.
+        key: String,
+    },
+    /// An object is larger than its reader allows.
+    #[error("store {url}: object {key} is {size} bytes, more than the {max} allowed")]
+    TooLarge {
+        /// The store's URL.
+        url: String,
+        /// The object's key.
+        key: String,
+        /// Its size.
+        size: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+    /// A chunk's content does not decode to the block its key names.
+    #[error("store {url}: chunk {key} is corrupt (expected BLAKE3 {digest}): {reason}")]
+    Corrupt {
+        /// The store's URL.
+        url: String,
+        /// The chunk's key.
+        key: String,
+        /// The digest the chunk should have (hex).
+        digest: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A caller asked to store a block under a digest it does not have.
+    #[error("refusing to store a chunk as {digest}: the block's BLAKE3 is {actual}")]
+    DigestMismatch {
+        /// The digest the caller claimed (hex).
+        digest: String,
+        /// The block's actual digest (hex).
+        actual: String,
+    },
+    /// A listing found more objects than the caller allows.
+    #[error("store {url}: more than {max} objects under {prefix}/")]
+    ListTooLong {
+        /// The store's URL.
+        url: String,
+        /// The listed prefix.
+        prefix: String,
+        /// The caller's limit.
+        max: usize,
+    },
+    /// The object store failed.
+    #[error("store {url}: {op} {key}: {source}")]
+    Backend {
+        /// The store's URL.
+        url: String,
+        /// What was attempted ("put", "get", "list", ...).
+        op: &'static str,
+        /// The key or prefix involved.
+        key: String,
+        /// The object store's error (boxed: it is large, and rare).
+        #[source]
+        source: Box<object_store::Error>,
+    },
+}
+
+/// Result alias for store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Where a store lives, parsed from `file:///…`, `s3://…` or an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A directory on a local filesystem.
+    Local {
+        /// The absolute directory.
+        root: PathBuf,
+    },
+    /// An S3 bucket (or an S3-compatible server), with a key prefix.
+    S3 {
+        /// The bucket's name.
+        bucket: String,
+        /// Key prefix inside the bucket, without leading or trailing `/`
+        /// (empty for the whole bucket).
+        prefix: String,
+    },
+}
+
+impl StoreUrl {
+    /// Parses `file:///abs/path`, `s3://bucket[/prefix]` or `/abs/path`.
+    pub fn parse(url: &str) -> Result<StoreUrl> {
+        let bad = |reason: &str| StoreError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "a file URL needs an absolute path (file:///abs/path); hosts are not supported",
+                ));
+            }
+            return Self::local(url, rest);
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.len() < 3
+                || bucket.len() > 63
+                || !bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            {
+                return Err(bad(
+                    "the bucket name must be 3-63 characters of lowercase letters, digits, '.' and '-'",
+                ));
+            }
+            let prefix = prefix.trim_matches('/');
+            if !prefix.is_empty() {
+                Path::parse(prefix).map_err(|e| bad(&format!("invalid key prefix: {e}")))?;
+            }
+            return Ok(StoreUrl::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            });
+        }
+        if url.starts_with('/') {
+            return Self::local(url, url);
+        }
+        Err(bad(
+            "expected file:///abs/path, s3://bucket/prefix or an absolute path",
+        ))
+    }
+
+    fn local(url: &str, path: &str) -> Result<StoreUrl> {
+        let root = PathBuf::from(path);
+        if root
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(StoreError::BadUrl {
+                url: url.to_string(),
+                reason: "the path must not contain '..'".to_string(),
+            });
+        }
+        Ok(StoreUrl::Local { root })
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Local { root } => write!(f, "file://{}", root.display()),
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        StoreUrl::parse(s)
+    }
+}
+
+/// Overrides for an S3 store; anything unset comes from the AWS environment
+/// variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    /// Endpoint of an S3-compatible server, e.g. `http://127.0.0.1:9000`; also
+    /// selects path-style requests.
+    pub endpoint: Option<String>,
+    /// Region, e.g. `eu-west-1`.
+    pub region: Option<String>,
+    /// Allow plain HTTP (test servers); otherwise the environment decides.
+    pub allow_http: bool,
+}
+
+/// What a create-only write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was written.
+    Created,
+    /// An object was already there and was left as it was.
+    AlreadyExists,
+}
+
+/// One object found by [`Store::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// The key, relative to the store's prefix.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub last_modified_unix_ms: i64,
+}
+
+/// A snapshot store: an object store plus the key prefix Lifeboat owns in it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+}
+
+thread_local! {
+    // One zstd context per thread: allocating one per block costs more than
+    // compressing a 64 KiB block at level 1.
+    static ENCODER: RefCell<BlockEncoder> = RefCell::new(BlockEncoder::default());
+    static DECODER: RefCell<BlockDecoder> = RefCell::new(BlockDecoder::default());
+}
+
+impl Store {
+    /// Opens the store at `url` (creating a local directory if absent).
+    /// Performs no network IO: an unreachable S3 endpoint shows on first use.
+    pub fn open(url: &StoreUrl, s3: &S3Settings) -> Result<Store> {
+        let shown = url.to_string();
+        let bad = |reason: String| StoreError::BadUrl {
+            url: shown.clone(),
+            reason,
+        };
+        match url {
+            StoreUrl::Local { root } => {
+                std::fs::create_dir_all(root)
+                    .map_err(|e| bad(format!("cannot create {}: {e}", root.display())))?;
+                let fs = LocalFileSystem::new_with_prefix(root)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_fsync(true);
+                Ok(Store::from_object_store(
+                    Arc::new(fs),
+                    Path::default(),
+                    shown.clone(),
+                ))
+            }
+            StoreUrl::S3 { bucket, prefix } => {
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if let Some(endpoint) = &s3.endpoint {
+                    b = b
+                        .with_endpoint(endpoint)
+                        .with_virtual_hosted_style_request(false);
+                }
+                if let Some(region) = &s3.region {
+                    b = b.with_region(region);
+                }
+                if s3.allow_http {
+                    b = b.with_allow_http(true);
+                }
+                let s3store = b.build().map_err(|e| bad(e.to_string()))?;
+                let prefix = Path::parse(prefix).map_err(|e| bad(e.to_string()))?;
+                Ok(Store::from_object_store(
+                    Arc::new(s3store),
+                    prefix,
+                    shown.clone(),
+                ))
+            }
+        }
+    }
+
+    /// Wraps any object store (tests use `object_store::memory::InMemory`);
+    /// `url` only names the store in errors.
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: Path, url: String) -> Store {
+        Store { inner, prefix, url }
+    }
+
+    /// The store's URL, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn location(&self, key: &str) -> Result<Path> {
+        let rel = Path::parse(key).map_err(|e| StoreError::BadKey {
+            url: self.url.clone(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        if rel.parts().next().is_none() {
+            return Err(StoreError::BadKey {
+                url: self.url.clone(),
+                key: key.to_string(),
+                reason: "the key is empty".to_string(),
+            });
+        }
+        Ok(self.prefix.parts().chain(rel.parts()).collect())
+    }
+
+    fn backend(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::Missing {
+                url: self.url.clone(),
+                key: key.to_string(),
+            },
+            source => StoreError::Backend {
+                url: self.url.clone(),
+                op,
+                key: key.to_string(),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    async fn put_create(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        let loc = self.location(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .inner
+            .put_opts(&loc, PutPayload::from(data), opts)
+            .await
+        {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::AlreadyExists),
+            Err(e) => Err(self.backend("put", key, e)),
+        }
+    }
+
+    /// Writes `data` at `key` unless an object is already there; an existing
+    /// object is left untouched and reported, not treated as an error (for
+    /// content-addressed chunks, stored once).
+    pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        self.put_create(key, data).await
+    }
+
+    /// Writes `data` at `key`, failing with [`StoreError::Exists`] if an object
+    /// is already there (manifests: two receivers never clobber each other).
+    pub async fn put_new(&self, key: &str, data: Bytes) -> Result<()> {
+        match self.put_create(key, data).await? {
+            PutOutcome::Created => Ok(()),
+            PutOutcome::AlreadyExists => Err(StoreError::Exists {
+                url: self.url.clone(),
+                key: key.to_string(),
+            }),
+        }
+    }
+
+    /// Reads the object at `key` ([`StoreError::Missing`] if absent).
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        self.get_limited(key, u64::MAX).await
+    }
+
+    /// Reads the object at `key`, refusing one larger than `max` bytes before
+    /// its body is read.
+    pub async fn get_limited(&self, key: &str, max: u64) -> Result<Bytes> {
+        let loc = self.location(key)?;
+        let res = self
+            .inner
+            .get_opts(&loc, GetOptions::default())
+            .await
+            .map_err(|e| self.backend("get", key, e))?;
+        if res.meta.size > max {
+            return Err(StoreError::TooLarge {
+                url: self.url.clone(),
+                key: key.to_string(),
+                size: res.meta.size,
+                max,
+            });
+        }
+        res.bytes().await.map_err(|e| self.backend("get", key, e))
+    }
+
+    /// Reads bytes `range` of the object at `key`. Keep `range.end` within the
+    /// object's size (from [`Store::list`]): past the end, stores differ (S3
+    /// returns what there is, a local store fails).
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let loc = self.location(key)?;
+        let opts = GetOptions::new().with_range(Some(GetRange::Bounded(range)));
+        let res = self
+            .inner
+            .get_opts(&loc, opts)
+            .await
+            .map_err(|e| self.backend("get", key, e))?;
+        res.bytes().await.map_err(|e| self.backend("get", key, e))
+    }
+
+    /// Whether an object exists at `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let loc = self.location(key)?;
+        match self.inner.head(&loc).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.backend("head", key, e)),
+        }
+    }
+
+    /// Lists every object under the key directory `prefix` (whole segments:
+    /// `pits/web-1` does not match `pits/web-10`), in no particular order.
+    /// More than `max` objects is an error, not a silently short list: `gc`
+    /// must never decide what is unreferenced from part of the manifests.
+    pub async fn list(&self, prefix: &str, max: usize) -> Result<Vec<ListedObject>> {
+        let loc = self.location(prefix)?;
+        let mut stream = self.inner.list(Some(&loc));
+        let mut out = Vec::new();
+        while let Some(meta) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.backend("list", prefix, e))?
+        {
+            if out.len() >= max {
+                return Err(StoreError::ListTooLong {
+                    url: self.url.clone(),
+                    prefix: prefix.to_string(),
+                    max,
+                });
+            }
+            let Some(rel) = meta.location.prefix_match(&self.prefix) else {
+                continue; // not ours (cannot happen for a prefixed listing)
+            };
+            let key = rel
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(ListedObject {
+                key,
+                size: meta.size,
+                last_modified_unix_ms: meta.last_modified.timestamp_millis(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the object at `key`; an absent object is not an error (deletes
+    /// are retried by `gc`, and S3 does not report absence either).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let loc = self.location(key)?;
+        match self.inner.delete(&loc).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("delete", key, e)),
+        }
+    }
+
+    /// Stores one block as a chunk, compressed, unless it is already stored.
+    /// Re-hashes `raw` first and refuses it if it does not match `digest`.
+    pub async fn put_chunk(&self, digest: &BlockHash, raw: &[u8]) -> Result<PutOutcome> {
+        let actual = BlockHash::of(raw);
+        if actual != *digest {
+            return Err(StoreError::DigestMismatch {
+                digest: digest.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        let object = encode_chunk(raw);
+        self.put_if_absent(&chunk_key(digest), object).await
+    }
+
+    /// Fetches the chunk of `digest`, decodes it to exactly `expected_len`
+    /// bytes and verifies its BLAKE3 digest ([`StoreError::Corrupt`] names the
+    /// digest otherwise; [`StoreError::Missing`] if there is no such chunk).
+    pub async fn get_chunk(&self, digest: &BlockHash, expected_len: u32) -> Result<Vec<u8>> {
+        let key = chunk_key(digest);
+        let max = CHUNK_HEADER_LEN as u64 + expected_len as u64;
+        let object = match self.get_limited(&key, max).await {
+            Err(StoreError::TooLarge { size, max, .. }) => {
+                return Err(StoreError::Corrupt {
+                    url: self.url.clone(),
+                    key,
+                    digest: digest.to_hex(),
+                    reason: format!(
+                    "the object is {size} bytes, more than {max} for a {expected_len}-byte block"
+                ),
+                })
+            }
+            other => other?,
+        };
+        decode_chunk(digest, &object, expected_len).map_err(|reason| StoreError::Corrupt {
+            url: self.url.clone(),
+            key,
+            digest: digest.to_hex(),
+            reason,
+        })
+    }
+}
+
+/// The key of the chunk holding the block with `digest`:
+/// `chunks/<first byte, hex>/<64 hex>`.
+pub fn chunk_key(digest: &BlockHash) -> String {
+    let hex = digest.to_hex();
+    format!("{CHUNKS_DIR}/{}/{hex}", &hex[..2])
+}
+
+/// The digest a chunk key names, if `key` is one.
+pub fn parse_chunk_key(key: &str) -> Option<BlockHash> {
+    let rest = key.strip_prefix(CHUNKS_DIR)?.strip_prefix('/')?;
+    let (fan, hex) = rest.split_once('/')?;
+    let digest: BlockHash = hex.parse().ok()?;
+    (fan.len() == 2 && hex.starts_with(fan) && hex == digest.to_hex()).then_some(digest)
+}
+
+/// The key directory of one volume's manifests: `pits/<server>/<volume>`.
+pub fn manifest_dir(server: &str, volume: &str) -> Result<String> {
+    let server = ServerName::new(server)?;
+    let volume = VolumeName::new(volume)?;
+    Ok(format!(
+        "{PITS_DIR}/{}/{}",
+        server.as_str(),
+        volume.as_str()
+    ))
+}
+
+/// The key of a manifest:
+/// `pits/<server>/<volume>/<20-digit zero-padded epoch>-<pit id>.manifest`.
+/// `pit_id` must be a key-safe token (the caller validates its syntax; here it
+/// is only checked not to contain `/`, `.` or `-`).
+pub fn manifest_key(server: &str, volume: &str, epoch: u64, pit_id: &str) -> Result<String> {
+    let dir = manifest_dir(server, volume)?;
+    if pit_id.is_empty() || !pit_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(StoreError::BadKey {
+            url: String::new(),
+            key: pit_id.to_string(),
+            reason: "a PIT id must be non-empty ASCII letters and digits".to_string(),
+        });
+    }
+    Ok(format!("{dir}/{epoch:020}-{pit_id}{MANIFEST_SUFFIX}"))
+}
+
+/// Splits the file name of a manifest key (`<epoch>-<id>.manifest`, the part
+/// after the volume's directory) into epoch and PIT id.
+pub fn parse_manifest_name(name: &str) -> Option<(u64, &str)> {
+    let stem = name.strip_suffix(MANIFEST_SUFFIX)?;
+    let (epoch, id) = stem.split_once('-')?;
+    if epoch.len() != 20 || !epoch.bytes().all(|b| b.is_ascii_digit()) || id.is_empty() {
+        return None;
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some((epoch.parse().ok()?, id))
+}
+
+/// Encodes one block as a chunk object (see the module doc for the format).
+pub fn encode_chunk(raw: &[u8]) -> Bytes {
+    let raw_len = u32::try_from(raw.len()).expect("a block is at most 4 MiB");
+    let (encoding, payload) = ENCODER.with(|e| e.borrow_mut().encode(raw));
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+    out.push(u8::from(encoding));
+    out.extend_from_slice(&raw_len.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Bytes::from(out)
+}
+
+/// Decodes a chunk object to exactly `expected_len` bytes and verifies that
+/// they hash to `digest`; the error says what is wrong. Never panics, and
+/// allocates at most `expected_len` bytes.
+pub fn decode_chunk(
+    digest: &BlockHash,
+    object: &[u8],
+    expected_len: u32,
+) -> std::result::Result<Vec<u8>, String> {
+    if object.len() < CHUNK_HEADER_LEN {
+        return Err(format!(
+            "the object is {} bytes, shorter than the {CHUNK_HEADER_LEN}-byte chunk header",
+            object.len()
+        ));
+    }
+    let encoding = Encoding::try_from(object[0]).map_err(|e| e.to_string())?;
+    let raw_len = u32::from_le_bytes([object[1], object[2], object[3], object[4]]);
+    if raw_len != expected_len {
+        return Err(format!(
+            "the chunk holds {raw_len} bytes but the block is {expected_len} bytes"
+        ));
+    }
+    let data = DECODER
+        .with(|d| {
+            d.borrow_mut()
+                .decode(encoding, raw_len, &object[CHUNK_HEADER_LEN..], expected_len)
+        })
+        .map_err(|e| e.to_string())?;
+    let actual = BlockHash::of(&data);
+    if actual != *digest {
+        return Err(format!(
+            "its {} content hashes to {actual}",
+            encoding.name()
+        ));
+    }
+    Ok(data)
+}
+
+/// The absolute filesystem path of `key` in a local store rooted at `root`
+/// (tests and diagnostics: e.g. to corrupt a chunk on purpose).
+pub fn local_object_path(root: &FsPath, key: &str) -> PathBuf {
+    key.split('/')
+        .fold(root.to_path_buf(), |p, seg| p.join(seg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("store");
+        let url = StoreUrl::parse(&format!("file://{}", root.display())).expect("url");
+        let store = Store::open(&url, &S3Settings::default()).expect("open");
+        (dir, store)
+    }
+
+    fn text_block(len: usize) -> Vec<u8> {
+        b"lifeboat block store "
+            .iter()
+            .cycle()
+            .take(len)
+            .copied()
+            .collect()
+    }
+
+    fn random_block(len: usize, mut s: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn urls_parse_and_name_themselves_in_errors() {
+        assert_eq!(
+            StoreUrl::parse("file:///srv/lifeboat").expect("file"),
+            StoreUrl::Local {
+                root: "/srv/lifeboat".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("/srv/lifeboat").expect("bare"),
+            StoreUrl::Local {
+                root: "/srv/lifeboat".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket/dr/prod/").expect("s3"),
+            StoreUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "dr/prod".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket").expect("s3").to_string(),
+            "s3://my-bucket"
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket/a/b")
+                .expect("s3")
+                .to_string(),
+            "s3://my-bucket/a/b"
+        );
+        for bad in [
+            "relative/dir",
+            "file://host/srv",
+            "file://relative",
+            "s3://",
+            "s3://Upper/x",
+            "s3://b/x",
+            "s3://bucket/a//b",
+            "gs://bucket/x",
+            "/srv/../etc",
+        ] {
+            let err = StoreUrl::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(bad), "{err:?} should name {bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn s3_store_opens_without_network() {
+        let url = StoreUrl::parse("s3://lifeboat-test/prefix").expect("url");
+        let s3 = S3Settings {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+        };
+        let store = Store::open(&url, &s3).expect("open");
+        assert_eq!(store.url(), "s3://lifeboat-test/prefix");
+    }
+
+    #[test]
+    fn keys_have_the_documented_layout() {
+        let d = BlockHash::of(b"x");
+        let key = chunk_key(&d);
+        assert_eq!(key, format!("chunks/{}/{}", &d.to_hex()[..2], d.to_hex()));
+        assert_eq!(parse_chunk_key(&key), Some(d));
+        assert_eq!(parse_chunk_key("chunks/00/abc"), None);
+        assert_eq!(
+            parse_chunk_key(&format!("chunks/zz/{}", d.to_hex())),
+            None,
+            "the fan-out must match the digest"
+        );
+        let m = manifest_key("web-1", "data", 42, "0abc").expect("key");
+        assert_eq!(m, "pits/web-1/data/00000000000000000042-0abc.manifest");
+        let name = m.rsplit('/').next().expect("name");
+        assert_eq!(parse_manifest_name(name), Some((42, "0abc")));
+        assert_eq!(parse_manifest_name("42-0abc.manifest"), None);
+        assert_eq!(
+            manifest_key("web-1", "data", u64::MAX, "a").expect("key"),
+            "pits/web-1/data/18446744073709551615-a.manifest"
+        );
+        assert!(matches!(
+            manifest_key("../x", "data", 1, "a"),
+            Err(StoreError::Name(_))
+        ));
+        assert!(matches!(
+            manifest_key("web-1", "data/../../x", 1, "a"),
+            Err(StoreError::Name(_))
+        ));
+        assert!(matches!(
+            manifest_key("web-1", "data", 1, "a/b"),
+            Err(StoreError::BadKey { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn chunks_round_trip_in_every_encoding() {
+        let (_dir, store) = local_store();
+        let blocks = [
+            ("zero", vec![0u8; 65536]),
+            ("raw", random_block(65536, 7)),
+            ("zstd", text_block(65536)),
+            ("short zstd", text_block(1808)),
+            ("short raw", random_block(3, 9)),
+        ];
+        for (name, raw) in &blocks {
+            let d = BlockHash::of(raw);
+            assert_eq!(
+                store.put_chunk(&d, raw).await.expect(name),
+                PutOutcome::Created,
+                "{name}"
+            );
+            let back = store.get_chunk(&d, raw.len() as u32).await.expect(name);
+            assert_eq!(&back, raw, "{name}");
+            // Stored once: the second put finds it.
+            assert_eq!(
+                store.put_chunk(&d, raw).await.expect(name),
+                PutOutcome::AlreadyExists
+            );
+        }
+        // The stored forms really are the three encodings.
+        for (raw, enc, max_len) in [
+            (&blocks[0].1, Encoding::Zero, CHUNK_HEADER_LEN),
+            (&blocks[1].1, Encoding::Raw, CHUNK_HEADER_LEN + 65536),
+            (&blocks[2].1, Encoding::Zstd, 4096),
+        ] {
+            let obj = store
+                .get(&chunk_key(&BlockHash::of(raw)))
+                .await
+                .expect("get");
+            assert_eq!(obj[0], u8::from(enc));
+            assert!(obj.len() <= max_len, "{enc:?}: {} bytes", obj.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn chunk_under_a_wrong_digest_is_refused() {
+        let (_dir, store) = local_store();
+        let wrong = BlockHash::of(b"something else");
+        let err = store
+            .put_chunk(&wrong, b"block")
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!store.exists(&chunk_key(&wrong)).await.expect("exists"));
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunk_names_its_digest() {
+        let (dir, store) = local_store();
+        let root = dir.path().join("store");
+        for (name, raw) in [("zstd", text_block(65536)), ("raw", random_block(4096, 3))] {
+            let d = BlockHash::of(&raw);
+            store.put_chunk(&d, &raw).await.expect("put");
+            let path = local_object_path(&root, &chunk_key(&d));
+            let mut bytes = std::fs::read(&path).expect("stored object");
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x01;
+            std::fs::write(&path, &bytes).expect("corrupt it");
+            let err = store.get_chunk(&d, raw.len() as u32).await.expect_err(name);
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{name}: {err}");
+            assert!(err.to_string().contains(&d.to_hex()), "{name}: {err}");
+        }
+        // A wrong expected length, a truncated header and an unknown encoding.
+        let raw = text_block(4096);
+        let d = BlockHash::of(&raw);
+        store.put_chunk(&d, &raw).await.expect("put");
+        let err = store.get_chunk(&d, 8192).await.expect_err("length");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(decode_chunk(&d, &[1, 0], 4096).is_err());
+        assert!(decode_chunk(&d, &[9, 0, 16, 0, 0], 4096)
+            .expect_err("tag")
+            .contains("unknown block encoding"));
+        // A chunk that was never stored.
+        let absent = BlockHash::of(b"absent");
+        let err = store.get_chunk(&absent, 6).await.expect_err("missing");
+        assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains(&absent.to_hex()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn create_only_writes() {
+        let (_dir, store) = local_store();
+        let key = "pits/web-1/data/00000000000000000001-a.manifest";
+        assert_eq!(
+            store
+                .put_if_absent("chunks/x", Bytes::from_static(b"1"))
+                .await
+                .expect("first"),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            store
+                .put_if_absent("chunks/x", Bytes::from_static(b"2"))
+                .await
+                .expect("second"),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(&store.get("chunks/x").await.expect("get")[..], b"1");
+
+        store
+            .put_new(key, Bytes::from_static(b"first"))
+            .await
+            .expect("first");
+        let err = store
+            .put_new(key, Bytes::from_static(b"second"))
+            .await
+            .expect_err("second");
+        assert!(matches!(err, StoreError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains(key), "{err}");
+        assert_eq!(&store.get(key).await.expect("get")[..], b"first");
+    }
+
+    #[tokio::test]
+    async fn get_exists_list_delete() {
+        let (_dir, store) = local_store();
+        let err = store.get("pits/a/b/c").await.expect_err("missing");
+        assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("pits/a/b/c"), "{err}");
+        assert!(!store.exists("pits/a/b/c").await.expect("exists"));
+
+        for key in [
+            "pits/web-1/a",
+            "pits/web-1/b",
+            "pits/web-10/c",
+            "chunks/00/d",
+        ] {
+            store
+                .put_new(key, Bytes::from(key.as_bytes().to_vec()))
+                .await
+                .expect("put");
+        }
+        assert!(store.exists("pits/web-1/a").await.expect("exists"));
+        let mut listed = store.list("pits/web-1", 10).await.expect("list");
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<_> = listed.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["pits/web-1/a", "pits/web-1/b"]);
+        assert_eq!(listed[0].size, "pits/web-1/a".len() as u64);
+        assert!(listed[0].last_modified_unix_ms > 1_600_000_000_000);
+        assert!(store.list("nothing", 10).await.expect("empty").is_empty());
+        let err = store.list("pits", 2).await.expect_err("bounded");
+        assert!(
+            matches!(err, StoreError::ListTooLong { max: 2, .. }),
+            "{err}"
+        );
+
+        let err = store.get_limited("pits/web-1/a", 3).await.expect_err("big");
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+        assert_eq!(
+            &store.get_range("pits/web-1/a", 0..4).await.expect("range")[..],
+            b"pits"
+        );
+
+        store.delete("pits/web-1/a").await.expect("delete");
+        store
+            .delete("pits/web-1/a")
+            .await
+            .expect("delete is idempotent");
+        assert!(!store.exists("pits/web-1/a").await.expect("exists"));
+
+        for bad in ["", "/", "a//b", "../x"] {
+            let err = store.get(bad).await.expect_err(bad);
+            assert!(matches!(err, StoreError::BadKey { .. }), "{bad:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prefix_is_applied_and_stripped() {
+        let inner = Arc::new(object_store::memory::InMemory::new());
+        let store = Store::from_object_store(
+            inner.clone(),
+            Path::parse("dr/prod").expect("prefix"),
+            "memory://".into(),
+        );
+        store
+            .put_new("pits/s/v/x", Bytes::from_static(b"m"))
+            .await
+            .expect("put");
+        assert!(inner
+            .head(&Path::parse("dr/prod/pits/s/v/x").expect("path"))
+            .await
+            .is_ok());
+        let listed = store.list("pits", 10).await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].key, "pits/s/v/x");
+    }
+}
