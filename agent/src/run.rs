@@ -439,14 +439,28 @@ async fn replicate_volume(
         } else {
             ReplicationState::Continuous
         };
-        if dirty.blocks.is_empty() {
+        // With --freeze, what the last thaw wrote (ext4 marks its superblock
+        // as mounted again) waits for the next real write and goes in that
+        // frozen epoch: the replica keeps the clean frozen image meanwhile,
+        // and an idle filesystem is not frozen and thawed for ever.
+        let settled = freeze_at.is_some() && only_thaw_writes;
+        if dirty.blocks.is_empty() || settled {
             last_durable = Instant::now();
         }
-        if dirty.blocks.is_empty() || last_epoch.elapsed() < ro.epoch_interval {
+        if dirty.blocks.is_empty() || settled || last_epoch.elapsed() < ro.epoch_interval {
             if last_status.elapsed() >= Duration::from_secs(1) {
                 last_status = Instant::now();
-                let backlog = dirty.blocks.len() as u64 * bs;
-                let status = status_now(state, &tracking, &ro, dirty.oldest(), backlog);
+                let (oldest, backlog) = if settled {
+                    (None, 0)
+                } else {
+                    (dirty.oldest(), dirty.blocks.len() as u64 * bs)
+                };
+                let state = if settled {
+                    ReplicationState::Continuous
+                } else {
+                    state
+                };
+                let status = status_now(state, &tracking, &ro, oldest, backlog);
                 if let Some(Ok(())) = or_shutdown(&mut shutdown, rep.ensure_connected()).await {
                     rep.report_status(status).await;
                 }
@@ -461,7 +475,24 @@ async fn replicate_volume(
         // Thawing rewrites the superblock; an epoch holding only what the
         // thaw itself wrote goes without a freeze, or an idle filesystem
         // would be frozen and thawed for ever.
-        let freeze_now = !std::mem::take(&mut only_thaw_writes);
+        let mut freeze_now = true;
+        if freeze_now && freeze_at.is_some() {
+            // Never freeze while the receiver is away (the freeze would last
+            // until it came back), nor for more dirty data than a short read.
+            let dirty_bytes = dirty.blocks.len() as u64 * bs;
+            if dirty_bytes > MAX_FROZEN_READ {
+                warn!(
+                    dirty_bytes,
+                    "too much to read under a freeze: this epoch is crash-consistent only"
+                );
+                freeze_now = false;
+            } else if !matches!(
+                or_shutdown(&mut shutdown, rep.ensure_connected()).await,
+                Some(Ok(()))
+            ) {
+                freeze_now = false;
+            }
+        }
         if let (Some(mp), Some(tracker), true) = (&freeze_at, tracking.tracker.as_mut(), freeze_now)
         {
             match crate::freeze::Frozen::freeze(mp) {
@@ -601,6 +632,10 @@ async fn replicate_volume(
     Ok(())
 }
 
+/// Most dirty data read while a filesystem is frozen; above it the epoch goes
+/// without a freeze (and says so) rather than stall the applications.
+const MAX_FROZEN_READ: u64 = 256 << 20;
+
 /// How often the write tracker is drained.
 const DRAIN_TICK: Duration = Duration::from_millis(100);
 
@@ -630,8 +665,21 @@ impl FreezeStats {
     }
 }
 
+/// Whether `run` should try again after `e` (with backoff) rather than give
+/// up on the volume: everything but a replica recreated under us, or a
+/// geometry, name, version or certificate the receiver refuses — those need
+/// an operator.
 fn is_retryable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.is::<EpochInterrupted>()) || e.to_string().contains("unreachable")
+    let text = format!("{e:#}");
+    let permanent = [
+        "was recreated",
+        "GeometryMismatch",
+        "certificate",
+        "BadVolumeName",
+        "UnsupportedVersion",
+        "changed since the last sync",
+    ];
+    e.chain().any(|c| c.is::<EpochInterrupted>()) || !permanent.iter().any(|p| text.contains(p))
 }
 
 fn status_now(
@@ -659,12 +707,14 @@ async fn full_pass(
     state: ReplicationState,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // The first pass of a replica (and a rescan after lost events) is resync
-    // traffic; later periodic scans are atomic epochs.
-    let mode = if state == ReplicationState::Continuous {
-        PassMode::Atomic
-    } else {
+    // Only the initial sync is applied in place (the replica is not
+    // consistent before it completes anyway). A rescan or a periodic scan of a
+    // complete replica is one atomic epoch, so the replica stays at an epoch
+    // boundary however long the scan takes.
+    let mode = if state == ReplicationState::InitialSync {
         PassMode::Resync
+    } else {
+        PassMode::Atomic
     };
     info!(state = ?state, "full pass over the volume");
     let template = StatusTemplate {

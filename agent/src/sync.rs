@@ -359,6 +359,22 @@ impl Replicator {
                 self.opts.name
             );
         }
+        let mut link = link;
+        if welcome.generation != self.index.generation {
+            // The replica changed in a way this agent did not see acknowledged
+            // (an epoch committed whose ack was lost, a journal replay): its
+            // digests are the reference again.
+            info!(
+                ours = self.index.generation,
+                receiver = welcome.generation,
+                "replica generation moved while disconnected: fetching the receiver's digests"
+            );
+            let digests = fetch_digests(&mut link, self.geometry.block_count()).await?;
+            self.index.digests = digests;
+            self.index.generation = welcome.generation;
+            self.index.durable_epoch = welcome.durable_epoch;
+            self.summary.fetched_digests = true;
+        }
         self.next_epoch = self.next_epoch.max(welcome.durable_epoch + 1);
         self.link = Some(link);
         Ok(())
@@ -406,7 +422,9 @@ impl Replicator {
             Producer::Blocks(b) => b.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
         };
+        let producer_failed = Arc::new(AtomicBool::new(false));
         let producer_task = {
+            let failed = producer_failed.clone();
             let volume = self.volume.clone();
             let geometry = self.geometry;
             let stats = stats.clone();
@@ -416,7 +434,7 @@ impl Replicator {
                 Producer::FullScan => {
                     let reference = self.index.digests.clone();
                     tokio::task::spawn_blocking(move || {
-                        scan_volume(
+                        let r = scan_volume(
                             &volume,
                             geometry,
                             &reference,
@@ -424,10 +442,16 @@ impl Replicator {
                             &stats,
                             &stop,
                             &changed_tx,
-                        )
+                        );
+                        // Flagged before the channel closes, so the driver
+                        // never takes a failed read for the end of the scan.
+                        failed.store(r.is_err(), Ordering::SeqCst);
+                        drop(changed_tx);
+                        r
                     })
                 }
                 Producer::Prepared(blocks) => tokio::task::spawn_blocking(move || {
+                    drop(failed);
                     for b in blocks {
                         stats.scanned_blocks.fetch_add(1, Ordering::Relaxed);
                         stats.changed_blocks.fetch_add(1, Ordering::Relaxed);
@@ -444,7 +468,7 @@ impl Replicator {
                         .map(|b| (b, self.index.digests[b as usize]))
                         .collect();
                     tokio::task::spawn_blocking(move || {
-                        scan_blocks(
+                        let r = scan_blocks(
                             &volume,
                             geometry,
                             &wanted,
@@ -452,7 +476,10 @@ impl Replicator {
                             &stats,
                             &stop,
                             &changed_tx,
-                        )
+                        );
+                        failed.store(r.is_err(), Ordering::SeqCst);
+                        drop(changed_tx);
+                        r
                     })
                 }
             }
@@ -474,6 +501,7 @@ impl Replicator {
             status,
             total_blocks,
             stats: stats.clone(),
+            producer_failed,
             // Full passes report at once; an epoch only if it takes a while
             // (between epochs the caller reports on its own cadence).
             last_status: match producer_kind {
@@ -503,6 +531,11 @@ impl Replicator {
                 Err(LinkError::Lost(e)) => {
                     warn!(error = %format!("{e:#}"), in_flight = pass.in_flight.len(), "connection to the receiver lost");
                     self.drop_link();
+                    if mode == PassMode::Atomic {
+                        // The receiver may or may not have committed the epoch
+                        // before the link went: those blocks' digests are unknown.
+                        forget_in_flight(&mut self.index, &pass);
+                    }
                     save_quietly(&self.index_path, &self.index);
                     if mode == PassMode::Atomic {
                         break Err(anyhow::Error::new(EpochInterrupted).context(format!("{e:#}")));
@@ -536,7 +569,16 @@ impl Replicator {
             Ok(g) => g,
             Err(e) => {
                 drop(changed_rx);
-                let _ = producer_task.await;
+                let scan = producer_task.await;
+                // Abandon the session: the receiver discards an open epoch.
+                self.drop_link();
+                if mode == PassMode::Atomic {
+                    forget_in_flight(&mut self.index, &pass);
+                }
+                save_quietly(&self.index_path, &self.index);
+                if let Ok(Err(read_error)) = scan {
+                    return Err(anyhow::Error::new(read_error).context("scan failed"));
+                }
                 return Err(e);
             }
         };
@@ -585,9 +627,27 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
     let started = Instant::now();
     info!(volume = %opts.volume_path.display(), name = %opts.name, "starting sync pass");
     let mut replicator = Replicator::open(opts).await?;
-    replicator
-        .pass(Producer::FullScan, PassMode::Resync, None, true)
-        .await?;
+    // A complete replica is updated in one atomic epoch, so it stays at an
+    // epoch boundary during the pass; only the initial sync goes in place.
+    let mode = if replicator.replica_was_complete() {
+        PassMode::Atomic
+    } else {
+        PassMode::Resync
+    };
+    let attempts = replicator.opts.connect_attempts.max(1);
+    let mut attempt = 1;
+    loop {
+        match replicator.pass(Producer::FullScan, mode, None, true).await {
+            Ok(_) => break,
+            // An atomic pass cut short is run again (its unacknowledged
+            // blocks are now unknown, so they are sent again).
+            Err(e) if e.is::<EpochInterrupted>() && attempt < attempts => {
+                attempt += 1;
+                warn!("pass interrupted ({e:#}); running it again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let mut summary = replicator.summary.clone();
     replicator.close().await;
     summary.duration_s = started.elapsed().as_secs_f64();
@@ -613,6 +673,7 @@ struct PassState {
     status: Option<StatusTemplate>,
     total_blocks: u64,
     stats: Arc<ScanStats>,
+    producer_failed: Arc<AtomicBool>,
     last_status: Instant,
 }
 
@@ -734,6 +795,15 @@ async fn fetch_digests(link: &mut Link, count: u64) -> anyhow::Result<Vec<BlockH
     Ok(digests)
 }
 
+/// Marks the blocks of an unfinished atomic epoch as unknown in the reference.
+fn forget_in_flight(index: &mut HashIndex, pass: &PassState) {
+    for &i in pass.in_flight.keys() {
+        if let Some(slot) = index.digests.get_mut(i as usize) {
+            *slot = BlockHash::UNKNOWN;
+        }
+    }
+}
+
 fn save_quietly(path: &std::path::Path, index: &HashIndex) {
     if let Err(e) = state::save_index(path, index) {
         warn!(error = %format!("{e:#}"), "cannot save the agent index");
@@ -818,6 +888,10 @@ async fn drive(
             }
             block = changed_rx.recv(), if room && !pass.scan_done => {
                 match block {
+                    None if pass.producer_failed.load(Ordering::SeqCst) => {
+                        // Never close an epoch over a failed read.
+                        return Err(LinkError::Fatal(anyhow::anyhow!("reading the source volume failed")));
+                    }
                     None => pass.scan_done = true,
                     Some(b) => {
                         if let Some(rate) = rate.as_mut() {

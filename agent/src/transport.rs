@@ -41,8 +41,10 @@ impl From<quinn::ConnectionError> for LinkError {
                     "the receiver refused our certificate (is this bundle from this receiver's CA, and still valid?)",
                 ))
             }
-            // Code 0: the receiver is shutting down or restarting; try again.
-            E::ApplicationClosed(c) if u64::from(c.error_code) == 0 => LinkError::Lost(
+            // 0: the receiver is shutting down or restarting; 4: it could not
+            // store the blocks (e.g. its disk is full); 6: a newer session of
+            // ours took over. All pass: try again later.
+            E::ApplicationClosed(c) if matches!(u64::from(c.error_code), 0 | 4 | 6) => LinkError::Lost(
                 anyhow::anyhow!("the receiver closed the connection: {}", String::from_utf8_lossy(&c.reason)),
             ),
             E::ApplicationClosed(c) => LinkError::Fatal(anyhow::anyhow!(
@@ -270,11 +272,7 @@ impl Link {
         loop {
             if let Some(ev) = self.session.poll_event() {
                 return match ev {
-                    AgentEvent::Rejected(r) => Err(LinkError::Fatal(anyhow::anyhow!(
-                        "receiver refused the session ({:?}): {}",
-                        r.code,
-                        r.message
-                    ))),
+                    AgentEvent::Rejected(r) => Err(rejected(&r)),
                     ev => Ok(ev),
                 };
             }
@@ -327,9 +325,21 @@ impl Link {
     }
 }
 
+/// A refusal the receiver may get over (busy volume, storage trouble) is
+/// `Lost`, retried later; the rest (wrong geometry, bad name, version) is fatal.
+fn rejected(r: &lifeboat_protocol::frame::Reject) -> LinkError {
+    use lifeboat_protocol::frame::RejectCode;
+    let e = anyhow::anyhow!("receiver refused the session ({:?}): {}", r.code, r.message);
+    match r.code {
+        RejectCode::Busy | RejectCode::Storage => LinkError::Lost(e),
+        _ => LinkError::Fatal(e),
+    }
+}
+
 fn session_error(e: SessionError) -> LinkError {
     match e {
         SessionError::Timeout => LinkError::Lost(anyhow::anyhow!("session timed out")),
+        SessionError::Rejected(r) => rejected(&r),
         other => LinkError::Fatal(anyhow::Error::new(other)),
     }
 }

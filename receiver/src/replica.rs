@@ -261,6 +261,23 @@ impl Replica {
                 });
             }
         }
+        if stored.is_none() && !resize {
+            // Without an index there is no recorded geometry; an existing
+            // staging file of another size must not be truncated or grown
+            // silently (a renamed or resized volume, a wrong device).
+            if let Ok(meta) = std::fs::metadata(&paths.staging) {
+                if meta.is_file() && meta.len() != 0 && meta.len() != geometry.volume_bytes {
+                    if let Ok(have) = VolumeGeometry::new(meta.len(), geometry.block_size) {
+                        return Err(ReplicaError::GeometryMismatch {
+                            server,
+                            volume,
+                            have,
+                            want: geometry,
+                        });
+                    }
+                }
+            }
+        }
         let (staging, created) = StagingVolume::open(&paths.staging, geometry)?;
         let journal = OpenOptions::new()
             .read(true)
