@@ -520,7 +520,7 @@ async fn replicate_volume(
                 }
             }
         }
-        let taken = std::mem::take(&mut dirty.blocks);
+        let mut taken = std::mem::take(&mut dirty.blocks);
         let oldest = taken.values().min().copied();
         let block_list: Vec<u64> = taken.keys().copied().collect();
         let producer = match frozen {
@@ -546,6 +546,51 @@ async fn replicate_volume(
                     (Err(e), _) | (_, Err(e)) => {
                         dirty.merge(taken);
                         return Err(e.context("consistency point failed"));
+                    }
+                }
+            }
+            None if tracking.tracker.is_some()
+                && (block_list.len() as u64) * bs <= MAX_CONSISTENT_READ =>
+            {
+                // Read, then drain: a write that completed while the blocks
+                // were read may be in the data only partly (a later write
+                // read, an earlier one missed). Re-read what those writes
+                // touched until a drain finds none: the epoch is then the
+                // volume as it was at that drain — crash-consistent.
+                let tracker = tracking.tracker.as_mut().expect("checked above");
+                match consistent_read(
+                    &rep,
+                    tracker,
+                    &block_list,
+                    &mut taken,
+                    last_drain,
+                    bs,
+                    geometry.block_count(),
+                ) {
+                    Ok((prepared, deferred)) => {
+                        if !deferred.is_empty() {
+                            warn!(
+                                blocks = deferred.len(),
+                                "writes kept racing the epoch's reads; this epoch may not be crash-consistent"
+                            );
+                            for b in deferred {
+                                dirty.blocks.entry(b).or_insert(last_drain);
+                            }
+                        }
+                        last_drain = Instant::now();
+                        Producer::Prepared(prepared)
+                    }
+                    Err(ConsistentReadError::Lost) => {
+                        dirty.merge(taken);
+                        force_rescan = true;
+                        continue;
+                    }
+                    Err(ConsistentReadError::Read(e)) => {
+                        dirty.merge(taken);
+                        warn!("reading dirty blocks failed ({e:#}); retrying");
+                        or_shutdown(&mut shutdown, tokio::time::sleep(retry_delay)).await;
+                        retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
+                        continue;
                     }
                 }
             }
@@ -635,6 +680,69 @@ async fn replicate_volume(
 /// Most dirty data read while a filesystem is frozen; above it the epoch goes
 /// without a freeze (and says so) rather than stall the applications.
 const MAX_FROZEN_READ: u64 = 256 << 20;
+
+/// Most dirty data an epoch reads into memory to make it crash-consistent
+/// (see [`consistent_read`]); a larger epoch is streamed and may not be.
+const MAX_CONSISTENT_READ: u64 = 256 << 20;
+/// Read rounds before an epoch is sent as it is.
+const MAX_READ_ROUNDS: usize = 8;
+
+enum ConsistentReadError {
+    /// The tracker lost events: rescan.
+    Lost,
+    /// Reading the source failed.
+    Read(anyhow::Error),
+}
+
+/// Reads `blocks` (the epoch's dirty set), then drains the tracker; blocks
+/// written meanwhile are read again (and join the epoch, with their time in
+/// `taken`) until a drain comes back empty. Returns the changed blocks of the
+/// epoch and, if the reads did not converge within [`MAX_READ_ROUNDS`], the
+/// blocks written during the last round (for the next epoch).
+fn consistent_read(
+    rep: &Replicator,
+    tracker: &mut WriteTracker,
+    blocks: &[u64],
+    taken: &mut BTreeMap<u64, Instant>,
+    stamp: Instant,
+    block_size: u64,
+    block_count: u64,
+) -> Result<(Vec<crate::scan::ChangedBlock>, Vec<u64>), ConsistentReadError> {
+    let mut latest: BTreeMap<u64, Option<crate::scan::ChangedBlock>> = BTreeMap::new();
+    let mut to_read: Vec<u64> = blocks.to_vec();
+    let mut ranges = Vec::new();
+    let mut converged = false;
+    for _ in 0..MAX_READ_ROUNDS {
+        let changed = rep
+            .prepare_blocks(&to_read)
+            .map_err(ConsistentReadError::Read)?;
+        // A block read again may now equal the receiver's copy: forget it.
+        for b in &to_read {
+            latest.insert(*b, None);
+        }
+        for c in changed {
+            latest.insert(c.index, Some(c));
+        }
+        ranges.clear();
+        if tracker.drain(&mut ranges).is_err() {
+            return Err(ConsistentReadError::Lost);
+        }
+        let mut again = DirtySet::default();
+        again.mark_ranges(&ranges, block_size, block_count, stamp);
+        if again.blocks.is_empty() {
+            converged = true;
+            break;
+        }
+        for (b, t) in &again.blocks {
+            taken.entry(*b).or_insert(*t);
+        }
+        to_read = again.blocks.into_keys().collect();
+    }
+    // Blocks written during the last round, if it did not converge, are read
+    // again by the next epoch.
+    let deferred = if converged { Vec::new() } else { to_read };
+    Ok((latest.into_values().flatten().collect(), deferred))
+}
 
 /// How often the write tracker is drained.
 const DRAIN_TICK: Duration = Duration::from_millis(100);
