@@ -29,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -153,7 +154,7 @@ fn device_writes(path: &Path) -> Option<Vec<u64>> {
 }
 
 struct Tracking {
-    tracker: Option<WriteTracker>,
+    tracker: Option<BackgroundTracker>,
     mode: TrackingMode,
 }
 
@@ -183,7 +184,7 @@ fn start_tracking(opts: &SyncOptions, ro: &RunOptions, kind: VolumeKind) -> Trac
         Ok(t) => {
             info!(tracker = %t.describe(), "change tracking: block-layer tracepoints");
             Tracking {
-                tracker: Some(t),
+                tracker: Some(BackgroundTracker::new(t)),
                 mode: TrackingMode::Tracepoints,
             }
         }
@@ -194,6 +195,73 @@ fn start_tracking(opts: &SyncOptions, ro: &RunOptions, kind: VolumeKind) -> Trac
                 mode: TrackingMode::PeriodicScan,
             }
         }
+    }
+}
+
+/// A [`WriteTracker`] drained every [`DRAIN_TICK`] by a background task too,
+/// so its kernel ring buffer cannot overflow while the volume task is busy
+/// with a long pass or waits for the receiver. Ranges drained in the
+/// background are kept until the next [`BackgroundTracker::drain`], which
+/// returns them with the rest; a loss seen in the background is reported there.
+struct BackgroundTracker {
+    inner: Arc<std::sync::Mutex<TrackerInner>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct TrackerInner {
+    tracker: WriteTracker,
+    pending: Vec<(u64, u64)>,
+    lost: Option<TrackingError>,
+}
+
+impl TrackerInner {
+    fn drain_pending(&mut self) {
+        if let Err(e) = self.tracker.drain(&mut self.pending) {
+            self.lost.get_or_insert(e);
+        }
+    }
+}
+
+impl BackgroundTracker {
+    fn new(tracker: WriteTracker) -> Self {
+        let inner = Arc::new(std::sync::Mutex::new(TrackerInner {
+            tracker,
+            pending: Vec::new(),
+            lost: None,
+        }));
+        let weak = Arc::downgrade(&inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DRAIN_TICK);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Ok(mut g) = inner.lock() {
+                    g.drain_pending();
+                };
+            }
+        });
+        BackgroundTracker { inner, task }
+    }
+
+    /// Everything written since the previous call; `Err` if events were lost
+    /// since then (the ranges read are still appended).
+    fn drain(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), TrackingError> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| TrackingError::Unavailable("tracker lock poisoned".into()))?;
+        g.drain_pending();
+        out.append(&mut g.pending);
+        match g.lost.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BackgroundTracker {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -701,7 +769,7 @@ enum ConsistentReadError {
 /// blocks written during the last round (for the next epoch).
 fn consistent_read(
     rep: &Replicator,
-    tracker: &mut WriteTracker,
+    tracker: &mut BackgroundTracker,
     blocks: &[u64],
     taken: &mut BTreeMap<u64, Instant>,
     stamp: Instant,
@@ -871,7 +939,7 @@ async fn or_shutdown<T>(
 fn save_stop_record(
     files: &RunState,
     opts: &SyncOptions,
-    tracker: Option<&mut WriteTracker>,
+    tracker: Option<&mut BackgroundTracker>,
     dirty: &mut DirtySet,
     block_size: u64,
     block_count: u64,
