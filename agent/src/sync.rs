@@ -825,6 +825,7 @@ async fn drive(
     last_save: &mut Instant,
 ) -> Result<u64, LinkError> {
     let block_size = index.geometry.block_size.get() as u64;
+    let mut last_progress = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -849,6 +850,7 @@ async fn drive(
         tokio::select! {
             biased;
             event = link.next_event() => {
+                last_progress = Instant::now();
                 match event? {
                     AgentEvent::Durable { generation, ranges } => {
                         index.generation = generation;
@@ -908,13 +910,26 @@ async fn drive(
                     }
                 }
             }
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => {
+                // A receiver that keeps the connection alive but stops
+                // answering (a hung disk) is treated as lost: reconnecting
+                // lets a healthy receiver take over the session.
+                if pass.flush_seq.is_some() && last_progress.elapsed() > FLUSH_DEADLINE {
+                    return Err(LinkError::Lost(anyhow::anyhow!(
+                        "the receiver made no progress for {} s while a flush was pending",
+                        FLUSH_DEADLINE.as_secs()
+                    )));
+                }
+            }
         }
         if link.session.state() == SessionState::Closed {
             return Err(LinkError::Lost(anyhow::anyhow!("session closed")));
         }
     }
 }
+
+/// How long a pending flush may see no acknowledgement at all.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Encodes one block as a wire frame: a small header and the payload it
 /// shares with the scan's buffer (no copy of the block).

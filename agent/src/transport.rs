@@ -150,6 +150,7 @@ pub struct Link {
     control_send: quinn::SendStream,
     control_recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    control_out: BytesMut,
     /// The control-stream state machine.
     pub session: AgentSession,
     data_tx: Option<mpsc::Sender<WireBlock>>,
@@ -214,6 +215,7 @@ impl Link {
                 control_send,
                 control_recv,
                 decoder: FrameDecoder::default(),
+                control_out: BytesMut::new(),
                 session: AgentSession::new(hello, Instant::now()),
                 data_tx: Some(data_tx),
                 writers,
@@ -237,13 +239,17 @@ impl Link {
     }
 
     /// Writes every frame the session has queued to the control stream.
+    ///
+    /// Cancel-safe: encoded bytes wait in `control_out` until written, and
+    /// each `write` either takes some of them or none, so a cancelled call
+    /// never leaves half a frame on the stream.
     pub async fn flush_control(&mut self) -> Result<(), LinkError> {
-        let mut buf = BytesMut::new();
         while let Some(frame) = self.session.poll_transmit() {
-            codec::encode(&frame, &mut buf);
+            codec::encode(&frame, &mut self.control_out);
         }
-        if !buf.is_empty() {
-            self.control_send.write_all(&buf).await?;
+        while !self.control_out.is_empty() {
+            let n = self.control_send.write(&self.control_out).await?;
+            bytes::Buf::advance(&mut self.control_out, n);
         }
         Ok(())
     }

@@ -446,7 +446,13 @@ async fn drive_session(
                     }
                     ReceiverEvent::DigestRequest { start, count } => {
                         let r = replica.as_ref().context("digest request before the handshake")?;
-                        let digests = r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.digests(start, count);
+                        // The apply task may hold the lock through a commit:
+                        // wait for it off the async workers.
+                        let r = r.clone();
+                        let digests = tokio::task::spawn_blocking(move || {
+                            r.lock().map(|r| r.digests(start, count)).map_err(|_| anyhow::anyhow!("replica lock poisoned"))
+                        })
+                        .await??;
                         session.send_digests(start, digests);
                     }
                     ReceiverEvent::FlushRequested { blocks_sent, close_epoch, .. } => {
@@ -454,7 +460,15 @@ async fn drive_session(
                             gate.close_requested(epoch, blocks_sent);
                         }
                         // Answer at once if everything asked for is already durable.
-                        let generation = replica.as_ref().and_then(|r| r.lock().ok().map(|r| r.generation())).unwrap_or(0);
+                        let generation = match replica.as_ref() {
+                            Some(r) => {
+                                let r = r.clone();
+                                tokio::task::spawn_blocking(move || r.lock().map(|r| r.generation()).unwrap_or(0))
+                                    .await
+                                    .unwrap_or(0)
+                            }
+                            None => 0,
+                        };
                         session.blocks_durable(generation, Vec::new(), gate.durable());
                     }
                     ReceiverEvent::EpochDurable(epoch) => {
