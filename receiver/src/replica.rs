@@ -86,6 +86,9 @@ use crate::staging::{BlockSink, StagingError, StagingVolume};
 const JOURNAL_MAGIC: [u8; 4] = *b"LBJ1";
 /// Commit the index once the journal names this many blocks.
 const JOURNAL_COMMIT_BLOCKS: usize = 65_536;
+/// …or once the blocks it names hold this many bytes (bounds the re-hashing
+/// an open after a crash may have to do).
+const JOURNAL_COMMIT_BYTES: u64 = 1 << 30;
 
 const EPOCH_MAGIC: [u8; 4] = *b"LBE1";
 const EPOCH_KIND_DATA: u8 = 1;
@@ -409,7 +412,9 @@ impl Replica {
             self.index.digests[b.index as usize] = b.digest;
         }
         self.index.generation = generation;
-        if self.journal_blocks >= JOURNAL_COMMIT_BLOCKS {
+        let journal_bytes =
+            self.journal_blocks as u64 * self.index.geometry.block_size.get() as u64;
+        if self.journal_blocks >= JOURNAL_COMMIT_BLOCKS || journal_bytes >= JOURNAL_COMMIT_BYTES {
             self.commit_index()?;
         }
         Ok(generation)

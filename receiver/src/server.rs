@@ -70,6 +70,8 @@ use crate::status::StatusRecorder;
 
 /// Verified blocks queued between the data streams and the apply task.
 const APPLY_QUEUE_BLOCKS: usize = 512;
+/// …and at most this many bytes of them, whatever the block size.
+const APPLY_QUEUE_BYTES: usize = 64 << 20;
 /// Apply a batch once it holds this many bytes…
 const BATCH_BYTES: usize = 16 << 20;
 /// …or once no block has arrived for this long.
@@ -423,7 +425,8 @@ async fn drive_session(
                                 write_status(&mut recorder);
                                 status = Some(recorder);
                                 let r = Arc::new(Mutex::new(r));
-                                let (tx, rx) = mpsc::channel(APPLY_QUEUE_BLOCKS);
+                                let queue = (APPLY_QUEUE_BYTES / geometry.block_size.bytes()).clamp(4, APPLY_QUEUE_BLOCKS);
+                                let (tx, rx) = mpsc::channel(queue);
                                 let (ctx, crx) = mpsc::unbounded_channel();
                                 let held = _guard.clone();
                                 let apply = apply_task(r.clone(), rx, crx, report_tx.clone());
