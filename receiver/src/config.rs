@@ -10,6 +10,7 @@
 //! tls_name = "dr.example.com"         # name agents check the receiver cert against; default "localhost"
 //! staging_dir = "/srv/lifeboat"       # optional; default D/staging
 //! fsync = "always"                    # optional; the only policy for now
+//! store = "file:///srv/lifeboat"      # optional PIT store (file:///abs, /abs or s3://bucket/prefix); default D/store
 //!
 //! [[volume]]                          # optional: a block device or file as one volume's staging
 //! server = "web-1"
@@ -123,6 +124,10 @@ pub struct ReceiverConfig {
     pub staging_dir: Option<PathBuf>,
     /// The durability policy.
     pub fsync: FsyncPolicy,
+    /// Where PITs are stored (`file:///abs`, `/abs` or `s3://bucket/prefix`),
+    /// instead of `D/store`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -138,6 +143,7 @@ struct RawConfig {
     staging_dir: Option<PathBuf>,
     #[serde(default)]
     fsync: FsyncPolicy,
+    store: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
 }
@@ -165,6 +171,7 @@ impl ReceiverConfig {
             tls_name: DEFAULT_TLS_NAME.to_string(),
             staging_dir: None,
             fsync: FsyncPolicy::Always,
+            store: None,
             volumes: Vec::new(),
         }
     }
@@ -205,6 +212,7 @@ impl ReceiverConfig {
             tls_name: raw.tls_name.unwrap_or_else(|| DEFAULT_TLS_NAME.into()),
             staging_dir: raw.staging_dir,
             fsync: raw.fsync,
+            store: raw.store,
             volumes: raw.volumes,
         };
         config.check().map_err(ParseError::Invalid)?;
@@ -242,6 +250,9 @@ impl ReceiverConfig {
                 "tls_name = {:?} is neither a DNS name nor an IP address",
                 self.tls_name
             ));
+        }
+        if let Some(store) = &self.store {
+            crate::store::StoreUrl::parse(store).map_err(|e| format!("store = {store:?}: {e}"))?;
         }
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();
@@ -311,6 +322,21 @@ impl ReceiverConfig {
         };
         base.join(server.as_str())
             .join(format!("{}.img", volume.as_str()))
+    }
+}
+
+impl ReceiverConfig {
+    /// The PIT store's URL: `store` if set, else `D/store` (`D` made absolute).
+    pub fn store_url(&self, dir: &Path) -> Result<crate::store::StoreUrl, String> {
+        let text = match &self.store {
+            Some(s) => s.clone(),
+            None => {
+                let abs = std::path::absolute(dir)
+                    .map_err(|e| format!("cannot make {} absolute: {e}", dir.display()))?;
+                format!("file://{}", abs.join("store").display())
+            }
+        };
+        crate::store::StoreUrl::parse(&text).map_err(|e| e.to_string())
     }
 }
 
@@ -444,5 +470,33 @@ mod tests {
         assert_eq!(split_host_port("::1:7443"), None);
         assert_eq!(split_host_port(":7443"), None);
         assert_eq!(split_host_port("host"), None);
+    }
+
+    #[test]
+    fn store_key_is_optional_checked_and_defaults_under_dir() {
+        let listen = "listen = \"127.0.0.1:7443\"\n";
+        let c = ReceiverConfig::from_toml(listen).ok().expect("parses");
+        assert_eq!(c.store, None);
+        assert_eq!(
+            c.store_url(Path::new("/var/lib/lb")).expect("url"),
+            crate::store::StoreUrl::Local {
+                root: "/var/lib/lb/store".into()
+            }
+        );
+        let c = ReceiverConfig::from_toml(&format!("{listen}store = \"file:///srv/pits\"\n"))
+            .ok()
+            .expect("parses");
+        assert_eq!(c.store.as_deref(), Some("file:///srv/pits"));
+        assert!(c.to_toml().contains("store = \"file:///srv/pits\""));
+        assert_eq!(
+            c.store_url(Path::new("/x")).expect("url"),
+            crate::store::StoreUrl::Local {
+                root: "/srv/pits".into()
+            }
+        );
+        match ReceiverConfig::from_toml(&format!("{listen}store = \"relative/path\"\n")) {
+            Err(ParseError::Invalid(reason)) => assert!(reason.contains("store"), "{reason}"),
+            _ => panic!("a relative store must be rejected"),
+        }
     }
 }

@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use lifeboat_protocol::bundle::BUNDLE_FORMAT_V1;
-use lifeboat_protocol::{Bundle, ServerName};
-use lifeboat_receiver::config::{split_host_port, ReceiverConfig};
+use lifeboat_protocol::{Bundle, ServerName, VolumeName};
+use lifeboat_receiver::config::{split_host_port, ConfigError, ReceiverConfig};
 use lifeboat_receiver::fsutil;
 use lifeboat_receiver::pki::Pki;
+use lifeboat_receiver::store::{S3Settings, Store, StoreUrl};
+use lifeboat_receiver::{launch, pit};
 
 /// Lifeboat receiver: accepts block-level replication from Lifeboat agents into
 /// crash-consistent staging volumes in the recovery region.
@@ -52,6 +54,56 @@ enum Command {
     /// status file shows as a row in state UNKNOWN naming the file (and a
     /// warning on stderr); the exit code stays 0.
     Status(StatusArgs),
+    /// List the point-in-time snapshots (PITs) of one volume, oldest first.
+    /// Reads the store directly; no `serve` needed.
+    Pits(PitsArgs),
+    /// Restore one PIT of a volume into a file or block device: resolves the
+    /// manifest chain, fetches and verifies every block, writes the volume
+    /// (sparse for a file) beside FILE, fsyncs and renames it into place.
+    /// Reads the store directly; no `serve` needed.
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// Receiver directory (its receiver.toml may name the store).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The PIT store (file:///abs/path, /abs/path or s3://bucket/prefix)
+    /// [default: receiver.toml's `store`, else DIR/store].
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// The source server.
+    #[arg(long, value_name = "NAME")]
+    server: ServerName,
+    /// The volume on that server.
+    #[arg(long, value_name = "NAME")]
+    volume: VolumeName,
+}
+
+#[derive(clap::Args, Debug)]
+struct PitsArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print a JSON array, oldest first (id, time, epoch, label, blocks_changed, ...).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Which PIT: `latest`, a PIT id, or an RFC 3339 time (the newest PIT at or
+    /// before it).
+    #[arg(long, value_name = "WHEN", default_value = "latest")]
+    at: String,
+    /// The file or block device to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Overwrite a non-empty file; required to write a block device in place.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,6 +182,8 @@ fn main() -> ExitCode {
         Command::Enroll(args) => enroll(&args),
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
+        Command::Pits(args) => pits(&args),
+        Command::Launch(args) => launch(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -316,6 +370,104 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", render_table(&rows));
     }
+    Ok(())
+}
+
+/// Opens the store named by `--store`, else receiver.toml's `store`, else
+/// `DIR/store` (also when DIR has no receiver.toml: a recovery region may
+/// hold only the store).
+fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    let url = match &args.store {
+        Some(s) => StoreUrl::parse(s).context("--store")?,
+        None => {
+            let config = match ReceiverConfig::load(&args.dir) {
+                Ok(c) => c,
+                Err(ConfigError::Missing { .. }) => {
+                    ReceiverConfig::new(SocketAddr::from(([127, 0, 0, 1], 7443)))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            config
+                .store_url(&args.dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+    };
+    Ok(Store::open(&url, &S3Settings::default())?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `pits`: one volume's PITs, oldest first.
+fn pits(args: &PitsArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.store)?;
+    let (server, volume) = (args.store.server.as_str(), args.store.volume.as_str());
+    let list = runtime()?
+        .block_on(pit::list_pits(&store, server, volume))
+        .with_context(|| {
+            format!(
+                "cannot list the PITs of {server}/{volume} in {}",
+                store.url()
+            )
+        })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no PITs of {server}/{volume} in {}", store.url());
+        return Ok(());
+    }
+    println!(
+        "{:<20}  {:<24}  {:>8}  {:>14}  {:<4}  LABEL",
+        "ID", "TIME", "EPOCH", "BLOCKS_CHANGED", "FULL"
+    );
+    for p in &list {
+        println!(
+            "{:<20}  {:<24}  {:>8}  {:>14}  {:<4}  {}",
+            p.id,
+            p.time,
+            p.epoch,
+            p.blocks_changed,
+            if p.full { "yes" } else { "no" },
+            p.label.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+/// `launch`: restore a PIT into a file or device.
+fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
+    let at = launch::parse_at(&args.at).map_err(|e| anyhow::anyhow!("--at: {e}"))?;
+    let store = open_store(&args.store)?;
+    let opts = launch::LaunchOptions {
+        at,
+        out: args.out.clone(),
+        force: args.force,
+    };
+    let (server, volume) = (args.store.server.as_str(), args.store.volume.as_str());
+    let r = runtime()?.block_on(launch::launch(&store, server, volume, &opts))?;
+    println!(
+        "launched PIT {} of {server}/{volume} (taken {}, epoch {}{}) into {}: {} bytes, \
+         {} blocks fetched and verified, {} zero blocks, in {:.2?}",
+        r.pit.id,
+        r.pit.time,
+        r.pit.epoch,
+        r.pit
+            .label
+            .as_deref()
+            .map(|l| format!(", label {l:?}"))
+            .unwrap_or_default(),
+        args.out.display(),
+        r.volume_bytes,
+        r.blocks_fetched,
+        r.blocks_zero,
+        r.elapsed
+    );
     Ok(())
 }
 
