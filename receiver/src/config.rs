@@ -128,6 +128,11 @@ pub struct ReceiverConfig {
     /// instead of `D/store`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// How often a PIT is taken of each volume, at the first durable epoch
+    /// after the interval (e.g. "10m", DRS's default; "0s": at every durable
+    /// epoch). `None` means the default, [`DEFAULT_PIT_INTERVAL`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pit_interval: Option<String>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -144,9 +149,13 @@ struct RawConfig {
     #[serde(default)]
     fsync: FsyncPolicy,
     store: Option<String>,
+    pit_interval: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
 }
+
+/// DRS's default PIT interval: ten minutes.
+pub const DEFAULT_PIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Splits `host:port` (IPv6 hosts in brackets); `None` if it is not of that form.
 /// The host comes back without brackets.
@@ -172,6 +181,7 @@ impl ReceiverConfig {
             staging_dir: None,
             fsync: FsyncPolicy::Always,
             store: None,
+            pit_interval: None,
             volumes: Vec::new(),
         }
     }
@@ -213,6 +223,7 @@ impl ReceiverConfig {
             staging_dir: raw.staging_dir,
             fsync: raw.fsync,
             store: raw.store,
+            pit_interval: raw.pit_interval,
             volumes: raw.volumes,
         };
         config.check().map_err(ParseError::Invalid)?;
@@ -250,6 +261,10 @@ impl ReceiverConfig {
                 "tls_name = {:?} is neither a DNS name nor an IP address",
                 self.tls_name
             ));
+        }
+        if let Some(text) = &self.pit_interval {
+            humantime::parse_duration(text.trim())
+                .map_err(|e| format!("pit_interval = {text:?}: {e} (e.g. \"10m\", \"1h\")"))?;
         }
         if let Some(store) = &self.store {
             crate::store::StoreUrl::parse(store).map_err(|e| format!("store = {store:?}: {e}"))?;
@@ -326,6 +341,14 @@ impl ReceiverConfig {
 }
 
 impl ReceiverConfig {
+    /// The interval between scheduled PITs.
+    pub fn pit_interval(&self) -> std::time::Duration {
+        self.pit_interval
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t.trim()).ok())
+            .unwrap_or(DEFAULT_PIT_INTERVAL)
+    }
+
     /// The PIT store's URL: `store` if set, else `D/store` (`D` made absolute).
     pub fn store_url(&self, dir: &Path) -> Result<crate::store::StoreUrl, String> {
         let text = match &self.store {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod fsutil;
 pub mod launch;
 pub mod pit;
+pub mod pitter;
 pub mod pki;
 pub mod replica;
 pub mod server;

@@ -375,6 +375,16 @@ impl Replica {
         &self.paths
     }
 
+    /// Every block's digest (the replica's current state).
+    pub fn all_digests(&self) -> &[BlockHash] {
+        &self.index.digests
+    }
+
+    /// Reads block `index` of the staging volume into `buf` (sized to the block).
+    pub fn read_block(&self, index: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        Ok(self.staging.read_block(index, buf)?)
+    }
+
     /// Path of the staging volume.
     pub fn staging_path(&self) -> &Path {
         &self.paths.staging

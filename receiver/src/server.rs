@@ -83,6 +83,10 @@ pub struct Receiver {
     config: ReceiverConfig,
     /// The connection of the session that holds each volume.
     active: Mutex<HashMap<(ServerName, VolumeName), quinn::Connection>>,
+    /// Where PITs go.
+    store: crate::store::Store,
+    /// When each volume's latest PIT was taken (Unix ms), once known.
+    last_pit: Mutex<HashMap<(ServerName, VolumeName), u64>>,
 }
 
 /// Runs the receiver until SIGINT or SIGTERM.
@@ -109,10 +113,18 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     // Scripts and tests read the bound port from this line.
     println!("listening on {local}");
 
+    let store_url = config
+        .store_url(dir)
+        .map_err(|e| anyhow::anyhow!("PIT store of {}: {e}", dir.display()))?;
+    let store = crate::store::Store::open(&store_url, &crate::store::S3Settings::default())
+        .with_context(|| format!("cannot open the PIT store {store_url:?}"))?;
+    info!(store = %store.url(), pit_interval = ?config.pit_interval(), "PIT store");
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,
         active: Mutex::new(HashMap::new()),
+        store,
+        last_pit: Mutex::new(HashMap::new()),
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -402,6 +414,7 @@ async fn drive_session(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut volume_label = String::new();
+    let mut volume_name: Option<VolumeName> = None;
 
     let result: anyhow::Result<()> = async {
         loop {
@@ -410,6 +423,7 @@ async fn drive_session(
                 match ev {
                     ReceiverEvent::Hello(hello) => {
                         volume_label = format!("{server}/{}", hello.volume);
+                        volume_name = Some(hello.volume.clone());
                         let key = (server.clone(), hello.volume.clone());
                         if !claim_volume(&receiver, &key, &conn).await {
                             session.reject(RejectCode::Busy, format!("volume {volume_label} is already being replicated by another session"));
@@ -475,12 +489,17 @@ async fn drive_session(
                         session.blocks_durable(generation, Vec::new(), gate.durable());
                     }
                     ReceiverEvent::EpochDurable(epoch) => {
-                        if let Some(r) = &replica {
-                            let r = r.clone();
+                        if let Some(replica) = &replica {
+                            let r = replica.clone();
                             tokio::task::spawn_blocking(move || {
                                 r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.close_epoch(epoch).map_err(anyhow::Error::new)
                             }).await??;
                             debug!(epoch, "epoch durable");
+                            // A scheduled PIT, taken before the flush that
+                            // made the epoch durable is answered.
+                            if let Some(volume) = &volume_name {
+                                maybe_take_pit(&receiver, replica, &server, volume).await;
+                            }
                         }
                         if let Some(st) = &mut status {
                             st.epoch_durable(epoch);
@@ -652,6 +671,55 @@ async fn drive_session(
 fn write_status(status: &mut StatusRecorder) {
     if let Err(e) = tokio::task::block_in_place(|| status.write(Instant::now())) {
         warn!("cannot write the status file: {e}");
+    }
+}
+
+/// Takes a PIT of the volume if the last one is older than the interval.
+/// A failed PIT is logged and does not end the session: replication goes on,
+/// and the next durable epoch tries again.
+async fn maybe_take_pit(
+    receiver: &Arc<Receiver>,
+    replica: &Arc<Mutex<Replica>>,
+    server: &ServerName,
+    volume: &VolumeName,
+) {
+    let key = (server.clone(), volume.clone());
+    let known = receiver.last_pit.lock().ok().and_then(|m| m.get(&key).copied());
+    let last = match known {
+        Some(t) => Some(t),
+        None => match crate::pit::list_pits(&receiver.store, server.as_str(), volume.as_str()).await {
+            Ok(list) => list.last().map(|p| p.time_unix_ms),
+            Err(e) => {
+                error!(volume = %volume, "cannot list PITs: {e}");
+                return;
+            }
+        },
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let interval_ms = receiver.config.pit_interval().as_millis() as u64;
+    if last.is_some_and(|t| now_ms.saturating_sub(t) < interval_ms) {
+        return;
+    }
+    let (rt, store, replica) = (
+        tokio::runtime::Handle::current(),
+        receiver.store.clone(),
+        replica.clone(),
+    );
+    let (s, v) = (server.clone(), volume.clone());
+    let taken = tokio::task::spawn_blocking(move || {
+        crate::pitter::take_pit(&rt, &store, &replica, &s, &v, None)
+    })
+    .await;
+    match taken {
+        Ok(Ok(_)) => {
+            if let Ok(mut m) = receiver.last_pit.lock() {
+                m.insert(key, now_ms);
+            }
+        }
+        Ok(Err(e)) => error!(volume = %volume, "PIT failed: {e:#}"),
+        Err(e) => error!(volume = %volume, "PIT task failed: {e}"),
     }
 }
 
