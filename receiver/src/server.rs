@@ -684,16 +684,22 @@ async fn maybe_take_pit(
     volume: &VolumeName,
 ) {
     let key = (server.clone(), volume.clone());
-    let known = receiver.last_pit.lock().ok().and_then(|m| m.get(&key).copied());
+    let known = receiver
+        .last_pit
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key).copied());
     let last = match known {
         Some(t) => Some(t),
-        None => match crate::pit::list_pits(&receiver.store, server.as_str(), volume.as_str()).await {
-            Ok(list) => list.last().map(|p| p.time_unix_ms),
-            Err(e) => {
-                error!(volume = %volume, "cannot list PITs: {e}");
-                return;
+        None => {
+            match crate::pit::list_pits(&receiver.store, server.as_str(), volume.as_str()).await {
+                Ok(list) => list.last().map(|p| p.time_unix_ms),
+                Err(e) => {
+                    error!(volume = %volume, "cannot list PITs: {e}");
+                    return;
+                }
             }
-        },
+        }
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
