@@ -961,13 +961,7 @@ fn save_stop_record(
     };
     let write = serde_json::to_vec(&record)
         .map_err(anyhow::Error::new)
-        .and_then(|bytes| {
-            let tmp = files.stop.with_extension("stop.tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &files.stop)?;
-            Ok(())
-        });
+        .and_then(|bytes| state::write_durable(&files.stop, &bytes));
     if let Err(e) = write {
         warn!("cannot save the dirty set ({e:#}); the next start will rescan");
     }

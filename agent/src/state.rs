@@ -45,16 +45,24 @@ pub fn load_index(path: &Path) -> Option<HashIndex> {
     }
 }
 
-/// Writes an index durably (temp file, fsync, rename, fsync directory).
+/// Writes an index durably (see [`write_durable`]).
 pub fn save_index(path: &Path, index: &HashIndex) -> anyhow::Result<()> {
+    write_durable(path, &index.encode())
+}
+
+/// Replaces `path` with `bytes` durably: temp file, `sync_all`, rename, fsync
+/// of the directory.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path
         .parent()
-        .with_context(|| format!("index path {} has no parent", path.display()))?;
+        .with_context(|| format!("path {} has no parent", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("index.tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
     let mut f =
         fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(&index.encode())
+    f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     drop(f);

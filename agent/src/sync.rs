@@ -305,14 +305,19 @@ impl Replicator {
         state::save_index(&self.index_path, &self.index)
     }
 
-    /// Reads `blocks` now and keeps those that differ from the reference, for a
-    /// later [`Producer::Prepared`] pass (used while a filesystem is frozen).
-    pub fn prepare_blocks(&self, blocks: &[u64]) -> anyhow::Result<Vec<ChangedBlock>> {
-        let wanted: Vec<(u64, BlockHash)> = blocks
+    /// Pairs each block of the volume in `blocks` with its reference digest.
+    fn with_reference(&self, blocks: &[u64]) -> Vec<(u64, BlockHash)> {
+        blocks
             .iter()
             .filter(|&&b| self.geometry.contains(b))
             .map(|&b| (b, self.index.digests[b as usize]))
-            .collect();
+            .collect()
+    }
+
+    /// Reads `blocks` now and keeps those that differ from the reference, for a
+    /// later [`Producer::Prepared`] pass (used while a filesystem is frozen).
+    pub fn prepare_blocks(&self, blocks: &[u64]) -> anyhow::Result<Vec<ChangedBlock>> {
+        let wanted = self.with_reference(blocks);
         let (tx, mut rx) = mpsc::channel(wanted.len() + 1);
         let stats = ScanStats::default();
         // scan_blocks uses `blocking_send`, which panics on a runtime thread
@@ -462,11 +467,7 @@ impl Replicator {
                     Ok(())
                 }),
                 Producer::Blocks(blocks) => {
-                    let wanted: Vec<(u64, BlockHash)> = blocks
-                        .into_iter()
-                        .filter(|&b| geometry.contains(b))
-                        .map(|b| (b, self.index.digests[b as usize]))
-                        .collect();
+                    let wanted = self.with_reference(&blocks);
                     tokio::task::spawn_blocking(move || {
                         let r = scan_blocks(
                             &volume,

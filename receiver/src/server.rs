@@ -827,7 +827,9 @@ async fn read_data_stream(
                         BlockHash::of(&data)
                     ));
                 }
-                let zero = lifeboat_protocol::hash::is_all_zero(&data);
+                // The agent sends every all-zero block as a Zero marker, so
+                // the encoding says it: no second pass over the data.
+                let zero = b.encoding == lifeboat_protocol::block::Encoding::Zero;
                 Ok(VerifiedBlock {
                     index,
                     digest,
