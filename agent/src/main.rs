@@ -139,6 +139,17 @@ struct SyncArgs {
     /// Threads hashing and compressing [default: the number of cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Once the pass is durable, ask the receiver for a point-in-time snapshot
+    /// of it, and wait until the PIT is stored (its id is printed).
+    #[arg(long)]
+    pit: bool,
+    /// Label for the PIT (up to 128 characters), e.g. before-upgrade.
+    #[arg(long, value_name = "LABEL", requires = "pit", value_parser = parse_pit_label)]
+    pit_label: Option<String>,
+}
+
+fn parse_pit_label(s: &str) -> Result<String, String> {
+    lifeboat_protocol::check_pit_label(s).map(|()| s.to_string())
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -194,6 +205,9 @@ fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
         connect_attempts: args.connect_attempts,
         scan,
         window_bytes: 64 << 20,
+        pit: args.pit.then(|| lifeboat_agent::sync::PitAsk {
+            label: args.pit_label.clone(),
+        }),
     };
     let runtime = async_runtime()?;
     let summary = runtime.block_on(lifeboat_agent::sync::sync(opts))?;
@@ -237,6 +251,7 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
             connect_attempts: u32::MAX,
             scan: scan.clone(),
             window_bytes: 64 << 20,
+            pit: None,
         })
         .collect();
     let ro = lifeboat_agent::run::RunOptions {
@@ -312,4 +327,13 @@ fn print_summary(s: &SyncSummary) {
         "  all durable on the receiver (generation {}) in {:.2}s",
         s.generation, s.duration_s
     );
+    if let Some(pit) = &s.pit {
+        match &pit.label {
+            Some(label) => println!(
+                "  PIT {} taken at epoch {} (label {label:?})",
+                pit.id, pit.epoch
+            ),
+            None => println!("  PIT {} taken at epoch {}", pit.id, pit.epoch),
+        }
+    }
 }

@@ -31,7 +31,7 @@ use anyhow::{bail, Context};
 use bytes::BytesMut;
 use lifeboat_protocol::codec;
 pub use lifeboat_protocol::frame::{AgentStatus, ReplicationState, TrackingMode};
-use lifeboat_protocol::frame::{BlockFrame, Hello, Welcome, PROTOCOL_VERSION};
+use lifeboat_protocol::frame::{BlockFrame, Hello, PitOutcome, Welcome, PROTOCOL_VERSION};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::index::HashIndex;
 use lifeboat_protocol::session::{AgentEvent, SessionState};
@@ -71,6 +71,27 @@ pub struct SyncOptions {
     pub scan: ScanOptions,
     /// Bytes of encoded blocks allowed in flight (sent, not yet durable).
     pub window_bytes: usize,
+    /// Ask the receiver for a point-in-time snapshot once the pass is durable
+    /// (`sync --pit`), with this optional label.
+    pub pit: Option<PitAsk>,
+}
+
+/// A PIT asked for at the end of a `sync` pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PitAsk {
+    /// Label stored with the PIT.
+    pub label: Option<String>,
+}
+
+/// The PIT a `sync --pit` pass made.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PitReport {
+    /// Its id (what `lifeboat-receiver launch --at` accepts).
+    pub id: String,
+    /// The epoch it holds.
+    pub epoch: u64,
+    /// Its label, if any.
+    pub label: Option<String>,
 }
 
 /// What one pass did; printed as the summary (`--json` prints it as is).
@@ -108,6 +129,8 @@ pub struct SyncSummary {
     pub generation: u64,
     /// Wall time of the pass in seconds.
     pub duration_s: f64,
+    /// The PIT taken at the end of the pass (`--pit`), else null.
+    pub pit: Option<PitReport>,
 }
 
 /// What a pass sends and how the receiver must apply it.
@@ -184,6 +207,10 @@ pub struct Replicator {
     replica_epoch_at_open: u64,
     rate: Option<RateLimiter>,
     last_save: Instant,
+    /// Ask for a PIT with the closing flush of each pass.
+    pit_ask: Option<PitAsk>,
+    /// An answer to that which came while the pass was still running.
+    pit_answer: Option<(u64, PitOutcome)>,
 }
 
 impl Replicator {
@@ -263,6 +290,7 @@ impl Replicator {
         };
         Ok(Replicator {
             rate: opts.max_rate.map(RateLimiter::new),
+            pit_ask: opts.pit.clone(),
             opts,
             volume,
             geometry,
@@ -276,6 +304,7 @@ impl Replicator {
             next_epoch: welcome.durable_epoch + 1,
             replica_epoch_at_open: welcome.durable_epoch,
             last_save: Instant::now(),
+            pit_answer: None,
         })
     }
 
@@ -499,6 +528,8 @@ impl Replicator {
             in_flight_bytes: 0,
             scan_done: false,
             flush_seq: None,
+            pit: self.pit_ask.clone().map(|a| a.label),
+            pit_answer: None,
             status,
             total_blocks,
             stats: stats.clone(),
@@ -590,6 +621,7 @@ impl Replicator {
         self.index.generation = generation;
         self.index.durable_epoch = epoch;
         self.next_epoch = epoch + 1;
+        self.pit_answer = pass.pit_answer.take();
         self.save_index()?;
         let report = PassReport {
             scanned_blocks: stats.scanned_blocks.load(Ordering::Relaxed),
@@ -601,6 +633,55 @@ impl Replicator {
         self.summary.zero_blocks = report.zero_blocks;
         self.summary.generation = generation;
         Ok(report)
+    }
+
+    /// Waits for the receiver's answer to the PIT the last pass asked for
+    /// (see [`SyncOptions::pit`]); `epoch` is that pass's epoch.
+    pub async fn await_pit(&mut self, epoch: u64) -> anyhow::Result<PitReport> {
+        let label = self.pit_ask.as_ref().and_then(|a| a.label.clone());
+        let answer = match self.pit_answer.take() {
+            Some(a) => a,
+            None => {
+                let link = self
+                    .link
+                    .as_mut()
+                    .context("no connection to wait for the PIT on")?;
+                let spinner = pit_spinner(epoch);
+                let deadline = tokio::time::Instant::now() + PIT_DEADLINE;
+                let answer = loop {
+                    match tokio::time::timeout_at(deadline, link.next_event()).await {
+                        Err(_) => bail!(
+                            "the receiver did not report the PIT of epoch {epoch} within {} s; \
+                             the data is durable: see `lifeboat-receiver pits` on the receiver",
+                            PIT_DEADLINE.as_secs()
+                        ),
+                        Ok(Err(e)) => bail!(
+                            "the connection was lost while the receiver took the PIT of epoch \
+                             {epoch} ({e}); the data is durable: see `lifeboat-receiver pits`, \
+                             or run `sync --pit` again"
+                        ),
+                        Ok(Ok(AgentEvent::PitTaken { epoch, outcome })) => break (epoch, outcome),
+                        Ok(Ok(_)) => {}
+                    }
+                };
+                if let Some(s) = spinner {
+                    s.finish_and_clear();
+                }
+                answer
+            }
+        };
+        match answer {
+            (e, _) if e != epoch => bail!("the receiver answered a PIT of epoch {e}, not {epoch}"),
+            (_, PitOutcome::Taken { id, pit_epoch }) => Ok(PitReport {
+                id,
+                epoch: pit_epoch,
+                label,
+            }),
+            (_, PitOutcome::Failed { message }) => bail!(
+                "the receiver could not take the PIT of epoch {epoch}: {message} \
+                 (the data itself is durable)"
+            ),
+        }
     }
 
     /// Ends the session cleanly.
@@ -637,9 +718,9 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
     };
     let attempts = replicator.opts.connect_attempts.max(1);
     let mut attempt = 1;
-    loop {
+    let epoch = loop {
         match replicator.pass(Producer::FullScan, mode, None, true).await {
-            Ok(_) => break,
+            Ok(report) => break report.epoch,
             // An atomic pass cut short is run again (its unacknowledged
             // blocks are now unknown, so they are sent again).
             Err(e) if e.is::<EpochInterrupted>() && attempt < attempts => {
@@ -648,8 +729,13 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
             }
             Err(e) => return Err(e),
         }
-    }
+    };
+    let pit = match replicator.pit_ask.is_some() {
+        true => Some(replicator.await_pit(epoch).await?),
+        false => None,
+    };
     let mut summary = replicator.summary.clone();
+    summary.pit = pit;
     replicator.close().await;
     summary.duration_s = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -671,6 +757,10 @@ struct PassState {
     in_flight_bytes: usize,
     scan_done: bool,
     flush_seq: Option<u64>,
+    /// Ask for a PIT with the closing flush (label).
+    pit: Option<Option<String>>,
+    /// The receiver's answer to that, if it came before the pass ended.
+    pit_answer: Option<(u64, PitOutcome)>,
     status: Option<StatusTemplate>,
     total_blocks: u64,
     stats: Arc<ScanStats>,
@@ -831,6 +921,9 @@ async fn drive(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if pass.scan_done && pass.flush_seq.is_none() {
+            if let Some(label) = &pass.pit {
+                link.session.request_pit(pass.epoch, label.clone());
+            }
             pass.flush_seq = Some(link.session.flush(Some(pass.epoch)));
             link.flush_control().await?;
         }
@@ -884,6 +977,9 @@ async fn drive(
                             "receiver rejected block {block} of volume {}: {reason}", opts.name
                         )));
                     }
+                    AgentEvent::PitTaken { epoch, outcome } => {
+                        pass.pit_answer = Some((epoch, outcome));
+                    }
                     other => {
                         return Err(LinkError::Fatal(anyhow::anyhow!("unexpected event from the receiver: {other:?}")));
                     }
@@ -927,6 +1023,23 @@ async fn drive(
             return Err(LinkError::Lost(anyhow::anyhow!("session closed")));
         }
     }
+}
+
+/// How long `sync --pit` waits for the receiver to store the PIT (the first
+/// PIT of a large volume uploads all of it).
+const PIT_DEADLINE: Duration = Duration::from_secs(6 * 3600);
+
+/// A spinner while the receiver stores a PIT (on a terminal only).
+fn pit_spinner(epoch: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!(
+            "durable; the receiver is storing the PIT of epoch {epoch}"
+        ));
+        s.enable_steady_tick(Duration::from_millis(200));
+        s
+    })
 }
 
 /// How long a pending flush may see no acknowledgement at all.

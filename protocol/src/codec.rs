@@ -19,9 +19,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::block::Encoding;
 use crate::frame::{
-    AgentStatus, BlockFrame, BlockRange, Frame, FrameType, Hello, Reject, RejectCode,
-    ReplicationState, TrackingMode, Welcome, MAX_AGENT_VERSION_LEN, MAX_BLOCK_LEN,
-    MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MAX_MESSAGE_LEN, MAX_RANGES_PER_FRAME, PROGRESS_PPM_MAX,
+    check_pit_label, AgentStatus, BlockFrame, BlockRange, Frame, FrameType, Hello, PitOutcome,
+    Reject, RejectCode, ReplicationState, TrackingMode, Welcome, MAX_AGENT_VERSION_LEN,
+    MAX_BLOCK_LEN, MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MAX_MESSAGE_LEN, MAX_PIT_LABEL_BYTES,
+    MAX_RANGES_PER_FRAME, PROGRESS_PPM_MAX,
 };
 use crate::geometry::{BlockSize, GeometryError, VolumeGeometry};
 use crate::hash::BlockHash;
@@ -143,6 +144,16 @@ pub enum FrameError {
         field: &'static str,
         /// The value.
         value: u64,
+    },
+    /// A field's value breaks a rule of its own (e.g. a label with control characters).
+    #[error("{kind} frame: {field}: {reason}")]
+    BadField {
+        /// Frame type.
+        kind: &'static str,
+        /// Field.
+        field: &'static str,
+        /// The rule broken.
+        reason: String,
     },
     /// A `Block` frame's encoding byte names no encoding.
     #[error("Block frame: unknown encoding byte {0}")]
@@ -297,6 +308,25 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u8(st.tracking as u8);
             dst.put_u32_le(st.scan_interval_s);
             dst.put_u64_le(st.sent_at_unix_ms);
+        }
+        Frame::PitRequest { epoch, label } => {
+            dst.put_u64_le(*epoch);
+            put_str(dst, label.as_deref().unwrap_or(""), MAX_PIT_LABEL_BYTES);
+        }
+        Frame::PitTaken { epoch, outcome } => {
+            dst.put_u64_le(*epoch);
+            match outcome {
+                PitOutcome::Taken { id, pit_epoch } => {
+                    dst.put_u8(0);
+                    dst.put_u64_le(*pit_epoch);
+                    put_str(dst, id, MAX_MESSAGE_LEN);
+                }
+                PitOutcome::Failed { message } => {
+                    dst.put_u8(1);
+                    dst.put_u64_le(0);
+                    put_str(dst, message, MAX_MESSAGE_LEN);
+                }
+            }
         }
         Frame::Block(_) => unreachable!("handled above"),
     }
@@ -633,6 +663,42 @@ pub fn parse(mut frame: Bytes) -> Result<Frame, FrameError> {
                 sent_at_unix_ms: r.u64("sent_at_unix_ms")?,
             })
         }
+        FrameType::PitRequest => {
+            let epoch = r.u64("epoch")?;
+            let label = r.string("label", MAX_PIT_LABEL_BYTES)?;
+            let label = if label.is_empty() {
+                None
+            } else {
+                check_pit_label(&label).map_err(|reason| FrameError::BadField {
+                    kind,
+                    field: "label",
+                    reason,
+                })?;
+                Some(label)
+            };
+            Frame::PitRequest { epoch, label }
+        }
+        FrameType::PitTaken => {
+            let epoch = r.u64("epoch")?;
+            let tag = r.u8("outcome")?;
+            let pit_epoch = r.u64("pit_epoch")?;
+            let text = r.string("text", MAX_MESSAGE_LEN)?;
+            let outcome = match tag {
+                0 => PitOutcome::Taken {
+                    id: text,
+                    pit_epoch,
+                },
+                1 => PitOutcome::Failed { message: text },
+                other => {
+                    return Err(FrameError::BadValue {
+                        kind,
+                        field: "outcome",
+                        value: other as u64,
+                    })
+                }
+            };
+            Frame::PitTaken { epoch, outcome }
+        }
     };
     r.finish()?;
     Ok(parsed)
@@ -781,6 +847,27 @@ mod tests {
                 durable_epoch: 7,
             },
             Frame::Goodbye,
+            Frame::PitRequest {
+                epoch: 9,
+                label: Some("before-upgrade ✓".into()),
+            },
+            Frame::PitRequest {
+                epoch: 1,
+                label: None,
+            },
+            Frame::PitTaken {
+                epoch: 9,
+                outcome: PitOutcome::Taken {
+                    id: "0196b1c2d3e4f5a6b7c8".into(),
+                    pit_epoch: 9,
+                },
+            },
+            Frame::PitTaken {
+                epoch: 9,
+                outcome: PitOutcome::Failed {
+                    message: "store unreachable".into(),
+                },
+            },
             Frame::Status(AgentStatus {
                 state: ReplicationState::Continuous,
                 progress_ppm: PROGRESS_PPM_MAX,
@@ -868,7 +955,7 @@ mod tests {
 
     #[test]
     fn unknown_type_rejected_before_body() {
-        for t in [0u8, 13, 200, 255] {
+        for t in [0u8, 15, 200, 255] {
             let mut hdr = 100u32.to_le_bytes().to_vec();
             hdr.push(t);
             assert_eq!(check(&hdr), Err(FrameError::UnknownType(t)));

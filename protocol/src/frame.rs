@@ -38,6 +38,17 @@
 //! | 10 | `Flushed` | receiver→agent | seq u64, generation u64, durable_epoch u64 |
 //! | 11 | `Goodbye` | agent→receiver | (empty) |
 //! | 12 | `Status` | agent→receiver | state u8 (1–5, [`ReplicationState`]), progress_ppm u32 (≤ 1 000 000), lag_ms u64, backlog_bytes u64, tracking u8 (0–2, [`TrackingMode`]), scan_interval_s u32, sent_at_unix_ms u64 |
+//! | 13 | `PitRequest` | agent→receiver | epoch u64, label str≤512 (empty: no label) |
+//! | 14 | `PitTaken` | receiver→agent | epoch u64, outcome u8 (0 taken, 1 failed), pit_epoch u64, text str≤1024 (the PIT id, or why it failed) |
+//!
+//! # Point-in-time snapshots on demand
+//!
+//! `PitRequest { epoch }` asks for a PIT once epoch `epoch` is durable; the
+//! agent sends it right before the `Flush` that closes that epoch. The
+//! receiver answers that `Flush` as usual as soon as the epoch is durable (so
+//! replication never waits for the store), then `PitTaken` once the PIT is
+//! in the store or has failed. `pit_epoch` is the epoch the PIT holds (the
+//! requested one). At most one request is outstanding per session.
 //!
 //! # Epochs
 //!
@@ -77,6 +88,10 @@ pub const MAX_RANGES_PER_FRAME: u32 = 4096;
 pub const MAX_BLOCK_LEN: u32 = crate::geometry::BlockSize::MAX;
 /// Longest `Hello::agent_version`, in bytes.
 pub const MAX_AGENT_VERSION_LEN: usize = 64;
+/// Longest PIT label, in characters.
+pub const MAX_PIT_LABEL_CHARS: usize = 128;
+/// Longest PIT label, in bytes of UTF-8.
+pub const MAX_PIT_LABEL_BYTES: usize = 512;
 /// Longest `Reject::message` and `BlockRejected::reason`, in bytes.
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// `Hello::digest_algorithm` value for BLAKE3, the only one defined.
@@ -155,6 +170,54 @@ pub enum Frame {
     /// Agent→receiver: how replication of the volume is going, as the agent
     /// sees it (sent now and then; the receiver records it for `status`).
     Status(AgentStatus),
+    /// Agent→receiver: take a PIT once `epoch` is durable (see the module docs).
+    PitRequest {
+        /// The epoch the PIT must hold; closed by the next `Flush`.
+        epoch: u64,
+        /// Label stored in the PIT's manifest (valid per [`check_pit_label`]).
+        label: Option<String>,
+    },
+    /// Receiver→agent: the outcome of a `PitRequest`.
+    PitTaken {
+        /// The epoch of the request answered.
+        epoch: u64,
+        /// The PIT's id, or why no PIT was taken.
+        outcome: PitOutcome,
+    },
+}
+
+/// What became of a [`Frame::PitRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PitOutcome {
+    /// The PIT is in the store, complete.
+    Taken {
+        /// Its id (what `launch --at` accepts).
+        id: String,
+        /// The epoch it holds.
+        pit_epoch: u64,
+    },
+    /// No PIT was taken; the data is durable nonetheless.
+    Failed {
+        /// Why, for the operator.
+        message: String,
+    },
+}
+
+/// Checks a PIT label: 1 to [`MAX_PIT_LABEL_CHARS`] characters (at most
+/// [`MAX_PIT_LABEL_BYTES`] bytes), no control characters. Returns why not.
+pub fn check_pit_label(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("it is empty (use no label instead)".to_string());
+    }
+    if label.len() > MAX_PIT_LABEL_BYTES || label.chars().count() > MAX_PIT_LABEL_CHARS {
+        return Err(format!(
+            "it is longer than {MAX_PIT_LABEL_CHARS} characters"
+        ));
+    }
+    if label.chars().any(char::is_control) {
+        return Err("it contains control characters".to_string());
+    }
+    Ok(())
 }
 
 /// Replication state of a volume as the agent reports it.
@@ -422,6 +485,10 @@ pub enum FrameType {
     Goodbye = 11,
     /// [`Frame::Status`].
     Status = 12,
+    /// [`Frame::PitRequest`].
+    PitRequest = 13,
+    /// [`Frame::PitTaken`].
+    PitTaken = 14,
 }
 
 impl FrameType {
@@ -440,6 +507,8 @@ impl FrameType {
             10 => FrameType::Flushed,
             11 => FrameType::Goodbye,
             12 => FrameType::Status,
+            13 => FrameType::PitRequest,
+            14 => FrameType::PitTaken,
             _ => return None,
         })
     }
@@ -459,6 +528,8 @@ impl FrameType {
             FrameType::Flushed => "Flushed",
             FrameType::Goodbye => "Goodbye",
             FrameType::Status => "Status",
+            FrameType::PitRequest => "PitRequest",
+            FrameType::PitTaken => "PitTaken",
         }
     }
 
@@ -490,6 +561,8 @@ impl FrameType {
             FrameType::Flushed => 1 + 8 + 8 + 8,
             FrameType::Goodbye => 1,
             FrameType::Status => 1 + 1 + 4 + 8 + 8 + 1 + 4 + 8,
+            FrameType::PitRequest => 1 + 8 + STR + MAX_PIT_LABEL_BYTES,
+            FrameType::PitTaken => 1 + 8 + 1 + 8 + STR + MAX_MESSAGE_LEN,
         }
     }
 }
@@ -510,6 +583,8 @@ impl Frame {
             Frame::Flushed { .. } => FrameType::Flushed,
             Frame::Goodbye => FrameType::Goodbye,
             Frame::Status(_) => FrameType::Status,
+            Frame::PitRequest { .. } => FrameType::PitRequest,
+            Frame::PitTaken { .. } => FrameType::PitTaken,
         }
     }
 

@@ -24,9 +24,9 @@ pub use names::{ServerName, VolumeName};
 pub use block::{BlockDecodeError, BlockDecoder, BlockEncoder, Encoding, DEFAULT_ZSTD_LEVEL};
 pub use codec::{check, encode, parse, FrameDecoder, FrameError};
 pub use frame::{
-    AgentStatus, BlockFrame, BlockRange, Frame, Hello, Reject, RejectCode, ReplicationState,
-    TrackingMode, Welcome, ALPN, HELLO_FLAG_RESIZE, MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RESYNC_EPOCH,
+    check_pit_label, AgentStatus, BlockFrame, BlockRange, Frame, Hello, PitOutcome, Reject,
+    RejectCode, ReplicationState, TrackingMode, Welcome, ALPN, HELLO_FLAG_RESIZE,
+    MAX_DIGESTS_PER_FRAME, MAX_FRAME_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RESYNC_EPOCH,
 };
 pub use hash::{is_all_zero, zero_hash, BlockHash};
 pub use session::{

@@ -59,8 +59,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::frame::{
-    AgentStatus, BlockFrame, BlockRange, Frame, Hello, Reject, RejectCode, Welcome, DIGEST_BLAKE3,
-    MAX_DIGESTS_PER_FRAME, MAX_RANGES_PER_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentStatus, BlockFrame, BlockRange, Frame, Hello, PitOutcome, Reject, RejectCode, Welcome,
+    DIGEST_BLAKE3, MAX_DIGESTS_PER_FRAME, MAX_RANGES_PER_FRAME, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use crate::geometry::VolumeGeometry;
 use crate::hash::BlockHash;
@@ -122,6 +123,13 @@ pub enum AgentEvent {
         /// The receiver's reason.
         reason: String,
     },
+    /// The answer to [`AgentSession::request_pit`].
+    PitTaken {
+        /// The epoch of the request.
+        epoch: u64,
+        /// The PIT's id, or why there is none.
+        outcome: PitOutcome,
+    },
     /// A [`AgentSession::flush`] completed.
     Flushed {
         /// The flush's sequence number.
@@ -155,6 +163,15 @@ pub enum ReceiverEvent {
         blocks_sent: u64,
         /// The epoch this flush closes, if any.
         close_epoch: Option<u64>,
+    },
+    /// The agent asked for a PIT of `epoch`, which is durable now (the
+    /// [`ReceiverEvent::EpochDurable`] of the same epoch follows): take it, then
+    /// answer with [`ReceiverSession::pit_taken`].
+    PitDue {
+        /// The epoch the PIT must hold.
+        epoch: u64,
+        /// Label for the PIT.
+        label: Option<String>,
     },
     /// This epoch is now durable: persist it before sending the queued Flushed.
     EpochDurable(u64),
@@ -198,6 +215,8 @@ pub struct AgentSession {
     events: VecDeque<AgentEvent>,
     blocks_sent: u64,
     next_seq: u64,
+    /// The epoch of the PIT request awaiting its PitTaken.
+    pit_pending: Option<u64>,
     /// Flush sequence numbers sent and not yet answered, oldest first.
     pending_flushes: VecDeque<u64>,
     /// Digest requests sent and not yet answered.
@@ -217,6 +236,7 @@ impl AgentSession {
             events: VecDeque::new(),
             blocks_sent: 0,
             next_seq: 1,
+            pit_pending: None,
             pending_flushes: VecDeque::new(),
             pending_digests: Vec::new(),
         }
@@ -251,7 +271,8 @@ impl AgentSession {
                 | Frame::DigestRequest { .. }
                 | Frame::Flush { .. }
                 | Frame::Goodbye
-                | Frame::Status(_),
+                | Frame::Status(_)
+                | Frame::PitRequest { .. },
             ) => self.violation(format!("{kind} frame is not sent to an agent")),
             (SessionState::Handshaking, Frame::Welcome(w)) => {
                 if w.version < self.hello.min_version || w.version > self.hello.max_version {
@@ -312,6 +333,18 @@ impl AgentSession {
                 }
                 self.events
                     .push_back(AgentEvent::BlockRejected { index, reason });
+                Ok(())
+            }
+            (SessionState::Established, Frame::PitTaken { epoch, outcome }) => {
+                if self.pit_pending != Some(epoch) {
+                    return self.violation(format!(
+                        "PitTaken frame for epoch {epoch} but the PIT requested is {:?}",
+                        self.pit_pending
+                    ));
+                }
+                self.pit_pending = None;
+                self.events
+                    .push_back(AgentEvent::PitTaken { epoch, outcome });
                 Ok(())
             }
             (
@@ -416,6 +449,24 @@ impl AgentSession {
         seq
     }
 
+    /// Asks for a PIT once `epoch` is durable: call it right before the
+    /// [`flush`](Self::flush) that closes `epoch`. The answer arrives as
+    /// [`AgentEvent::PitTaken`], after the flush's `Flushed`. One request at a
+    /// time: a second one before the answer is refused (returns `false`).
+    pub fn request_pit(&mut self, epoch: u64, label: Option<String>) -> bool {
+        if self.pit_pending.is_some() || self.state == SessionState::Closed {
+            return false;
+        }
+        self.pit_pending = Some(epoch);
+        self.queue(Frame::PitRequest { epoch, label });
+        true
+    }
+
+    /// The epoch of a PIT request not yet answered.
+    pub fn pit_pending(&self) -> Option<u64> {
+        self.pit_pending
+    }
+
     /// Queues a [`Frame::Status`] report for the receiver. Before the Welcome
     /// only the latest report waits for it (an older one would be stale by then);
     /// after `goodbye` it is dropped.
@@ -492,6 +543,10 @@ pub struct ReceiverSession {
     pending_flushes: VecDeque<PendingFlush>,
     last_flush: Option<(u64, u64)>,
     last_close_epoch: Option<u64>,
+    /// A PIT requested for an epoch not yet durable: (epoch, label).
+    pit_request: Option<(u64, Option<String>)>,
+    /// A PIT due (its epoch durable) whose PitTaken is not yet queued.
+    pit_due: Option<u64>,
 }
 
 impl ReceiverSession {
@@ -521,6 +576,8 @@ impl ReceiverSession {
             pending_flushes: VecDeque::new(),
             last_flush: None,
             last_close_epoch: None,
+            pit_request: None,
+            pit_due: None,
         }
     }
 
@@ -555,7 +612,8 @@ impl ReceiverSession {
                 | Frame::Digests { .. }
                 | Frame::Durable { .. }
                 | Frame::BlockRejected { .. }
-                | Frame::Flushed { .. },
+                | Frame::Flushed { .. }
+                | Frame::PitTaken { .. },
             ) => self.violation(format!("{kind} frame is not sent to a receiver")),
             (Phase::AwaitHello, Frame::Hello(h)) => self.on_hello(h),
             (Phase::AwaitHello, _) => self.violation(format!("{kind} frame before Hello")),
@@ -566,6 +624,21 @@ impl ReceiverSession {
                 Ok(())
             }
             (Phase::AwaitAccept, _) => self.violation(format!("{kind} frame before Welcome")),
+            (Phase::Established, Frame::PitRequest { epoch, label }) => {
+                if let Some(e) = self.pit_request.as_ref().map(|r| r.0).or(self.pit_due) {
+                    return self.violation(format!(
+                        "PitRequest frame for epoch {epoch} while the PIT of epoch {e} is outstanding"
+                    ));
+                }
+                let closed = self.last_close_epoch.unwrap_or(0).max(self.durable_epoch);
+                if epoch <= closed {
+                    return self.violation(format!(
+                        "PitRequest frame for epoch {epoch}, but epoch {closed} is already closed"
+                    ));
+                }
+                self.pit_request = Some((epoch, label));
+                Ok(())
+            }
             (Phase::Established, Frame::Status(st)) => {
                 self.events.push_back(ReceiverEvent::Status(st));
                 Ok(())
@@ -604,6 +677,13 @@ impl ReceiverSession {
                     if e <= last {
                         return self
                             .violation(format!("Flush frame closes epoch {e} after epoch {last}"));
+                    }
+                }
+                if let (Some(e), Some((r, _))) = (close_epoch, &self.pit_request) {
+                    if e != *r {
+                        return self.violation(format!(
+                            "Flush frame closes epoch {e}, but a PIT was requested for epoch {r}"
+                        ));
                     }
                 }
                 self.last_flush = Some((seq, blocks_sent));
@@ -817,6 +897,12 @@ impl ReceiverSession {
             if let Some(e) = f.close_epoch {
                 if e > self.durable_epoch {
                     self.durable_epoch = e;
+                    if self.pit_request.as_ref().is_some_and(|r| r.0 == e) {
+                        let (epoch, label) = self.pit_request.take().expect("checked");
+                        self.pit_due = Some(epoch);
+                        self.events
+                            .push_back(ReceiverEvent::PitDue { epoch, label });
+                    }
                     self.events.push_back(ReceiverEvent::EpochDurable(e));
                 }
             }
@@ -826,6 +912,20 @@ impl ReceiverSession {
                 durable_epoch: self.durable_epoch,
             });
         }
+    }
+
+    /// Answers the [`ReceiverEvent::PitDue`] of `epoch` (ignored for any other
+    /// epoch, e.g. after the session was closed).
+    pub fn pit_taken(&mut self, epoch: u64, outcome: PitOutcome) {
+        if self.phase == Phase::Established && self.pit_due == Some(epoch) {
+            self.pit_due = None;
+            self.transmit.push_back(Frame::PitTaken { epoch, outcome });
+        }
+    }
+
+    /// The epoch of a PIT due and not yet answered.
+    pub fn pit_due(&self) -> Option<u64> {
+        self.pit_due
     }
 
     /// Queues a BlockRejected naming `index`, so the agent resends it.

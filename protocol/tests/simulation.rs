@@ -13,8 +13,8 @@ use bytes::BytesMut;
 use lifeboat_protocol::block::{verify, BlockDecoder, BlockEncoder};
 use lifeboat_protocol::codec::{encode, FrameDecoder};
 use lifeboat_protocol::frame::{
-    AgentStatus, BlockFrame, BlockRange, Frame, Hello, RejectCode, ReplicationState, TrackingMode,
-    DIGEST_BLAKE3,
+    AgentStatus, BlockFrame, BlockRange, Frame, Hello, PitOutcome, RejectCode, ReplicationState,
+    TrackingMode, DIGEST_BLAKE3,
 };
 use lifeboat_protocol::session::{
     AgentEvent, AgentSession, ReceiverEvent, ReceiverSession, SessionError, SessionState,
@@ -831,4 +831,129 @@ fn status_frames_out_of_place_are_violations_or_ignored() {
         a.handle_frame(st, now),
         "Status frame is not sent to an agent",
     );
+}
+
+#[test]
+fn pit_request_is_due_when_its_epoch_is_durable_and_answered_after_flushed() {
+    let (mut agent, mut receiver, now) = established();
+    // Epoch 6 (durable is 5): one block, a PIT asked for, then the closing flush.
+    agent.note_block_sent();
+    assert!(agent.request_pit(6, Some("before-upgrade".into())));
+    assert!(
+        !agent.request_pit(6, None),
+        "a second request before the answer is refused locally"
+    );
+    let seq = agent.flush(Some(6));
+    pump(&mut agent, &mut receiver, now);
+    assert!(matches!(
+        receiver.poll_event(),
+        Some(ReceiverEvent::FlushRequested {
+            close_epoch: Some(6),
+            ..
+        })
+    ));
+    assert_eq!(receiver.poll_event(), None, "nothing due before durable");
+    receiver.block_received(1);
+    receiver.blocks_durable(2, vec![BlockRange { start: 0, len: 1 }], 1);
+    assert_eq!(
+        receiver.poll_event(),
+        Some(ReceiverEvent::PitDue {
+            epoch: 6,
+            label: Some("before-upgrade".into())
+        })
+    );
+    assert_eq!(receiver.poll_event(), Some(ReceiverEvent::EpochDurable(6)));
+    // The flush is answered at once; the PIT result comes later.
+    pump(&mut agent, &mut receiver, now);
+    let events: Vec<AgentEvent> = std::iter::from_fn(|| agent.poll_event()).collect();
+    assert!(
+        events.iter().any(
+            |e| matches!(e, AgentEvent::Flushed { seq: s, durable_epoch: 6, .. } if *s == seq)
+        ),
+        "{events:?}"
+    );
+    assert_eq!(agent.pit_pending(), Some(6));
+    assert_eq!(receiver.pit_due(), Some(6));
+    receiver.pit_taken(
+        6,
+        PitOutcome::Taken {
+            id: "0196b1c2d3e4f5a6b7c8".into(),
+            pit_epoch: 6,
+        },
+    );
+    pump(&mut agent, &mut receiver, now);
+    assert_eq!(
+        agent.poll_event(),
+        Some(AgentEvent::PitTaken {
+            epoch: 6,
+            outcome: PitOutcome::Taken {
+                id: "0196b1c2d3e4f5a6b7c8".into(),
+                pit_epoch: 6
+            }
+        })
+    );
+    assert_eq!(agent.pit_pending(), None);
+    assert_eq!(receiver.pit_due(), None);
+    // A second request, for the next epoch, is fine now.
+    assert!(agent.request_pit(7, None));
+}
+
+#[test]
+fn pit_request_rules_are_enforced_by_both_ends() {
+    // Asking for an epoch already closed.
+    let (_, mut receiver, now) = established();
+    assert_violation(
+        receiver.handle_frame(
+            Frame::PitRequest {
+                epoch: 5,
+                label: None,
+            },
+            now,
+        ),
+        "epoch 5 is already closed",
+    );
+    // Two outstanding requests.
+    let (_, mut receiver, now) = established();
+    let ask = |epoch| Frame::PitRequest { epoch, label: None };
+    receiver.handle_frame(ask(7), now).expect("first request");
+    assert_violation(receiver.handle_frame(ask(8), now), "is outstanding");
+    // Closing another epoch than the one the PIT was asked for.
+    let (_, mut receiver, now) = established();
+    receiver.handle_frame(ask(7), now).expect("request");
+    assert_violation(
+        receiver.handle_frame(
+            Frame::Flush {
+                seq: 1,
+                blocks_sent: 0,
+                close_epoch: Some(8),
+            },
+            now,
+        ),
+        "a PIT was requested for epoch 7",
+    );
+    // A PitTaken nobody asked for, and a PitTaken sent to a receiver.
+    let (mut agent, mut receiver, now) = established();
+    let taken = Frame::PitTaken {
+        epoch: 6,
+        outcome: PitOutcome::Failed {
+            message: "x".into(),
+        },
+    };
+    assert_violation(
+        agent.handle_frame(taken.clone(), now),
+        "PitTaken frame for epoch 6",
+    );
+    assert_violation(receiver.handle_frame(taken, now), "not sent to a receiver");
+    // A PitRequest sent to an agent.
+    let (mut agent, _, now) = established();
+    assert_violation(agent.handle_frame(ask(6), now), "not sent to an agent");
+    // pit_taken for an epoch not due queues nothing.
+    let (_, mut receiver, _) = established();
+    receiver.pit_taken(
+        6,
+        PitOutcome::Failed {
+            message: "x".into(),
+        },
+    );
+    assert_eq!(receiver.poll_transmit(), None);
 }

@@ -68,7 +68,7 @@
 //! `32-byte digest` (zeros for a commit) · `u32 len` · `len` data bytes (kind 1
 //! only) · first 16 bytes of BLAKE3 over everything before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -122,6 +122,18 @@ pub enum ReplicaError {
     /// failure): see the module docs.
     #[error("epoch order violated: {0}")]
     EpochOrder(String),
+    /// A PIT is already being taken of this replica.
+    #[error("a PIT of epoch {epoch} is still being taken")]
+    PitBusy {
+        /// The epoch of the PIT in progress.
+        epoch: u64,
+    },
+    /// [`Replica::read_captured`] without a capture.
+    #[error("no PIT is being taken of this replica")]
+    NoCapture,
+    /// The capture cannot give the PIT its blocks any more.
+    #[error("the PIT cannot be completed: {0}")]
+    CaptureBroken(String),
     /// The index or journal could not be read or written.
     #[error("{what} {path}: {source}")]
     Metadata {
@@ -223,6 +235,54 @@ pub struct Replica {
     /// index may then be wrong for those blocks, so it is never committed; the
     /// next open replays the journal instead.
     failed: bool,
+    /// The PIT being taken, if any: the blocks it still has to read, kept as
+    /// they were at its epoch while later epochs are written in place.
+    capture: Option<Capture>,
+}
+
+/// What a PIT sees of a replica at the epoch it holds (see
+/// [`Replica::begin_capture`]).
+#[derive(Debug, Clone)]
+pub struct CaptureStart {
+    /// The epoch, durable, the staging volume was at.
+    pub epoch: u64,
+    /// The volume's geometry.
+    pub geometry: VolumeGeometry,
+    /// The replica's identity.
+    pub volume_id: [u8; 16],
+    /// Every block's digest at that epoch.
+    pub digests: Vec<BlockHash>,
+}
+
+/// Copy-on-write for a PIT in progress. A block the PIT may still read is
+/// copied to an anonymous spool file before anything overwrites it in place;
+/// [`Replica::read_captured`] then reads the copy. The spool is never
+/// fsynced: a crash ends the PIT anyway (its manifest is never written).
+#[derive(Debug)]
+struct Capture {
+    epoch: u64,
+    /// One bit per block: the PIT may still read it.
+    pending: Vec<u64>,
+    /// Blocks copied to the spool: index → offset.
+    saved: HashMap<u64, u64>,
+    spool: File,
+    spool_len: u64,
+    /// Why copying a block failed; the PIT fails with it, replication goes on.
+    broken: Option<String>,
+}
+
+impl Capture {
+    fn is_pending(&self, index: u64) -> bool {
+        self.pending
+            .get((index / 64) as usize)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    fn clear(&mut self, index: u64) {
+        if let Some(w) = self.pending.get_mut((index / 64) as usize) {
+            *w &= !(1 << (index % 64));
+        }
+    }
 }
 
 impl Replica {
@@ -307,6 +367,7 @@ impl Replica {
             epoch_len: 0,
             open_epoch: None,
             failed: false,
+            capture: None,
             paths,
         };
         match stored {
@@ -385,6 +446,140 @@ impl Replica {
         Ok(self.staging.read_block(index, buf)?)
     }
 
+    /// Starts copy-on-write for a PIT of the replica as it is now (call it
+    /// right after an epoch became durable, under the replica's lock): until
+    /// [`end_capture`](Self::end_capture), [`read_captured`](Self::read_captured)
+    /// returns blocks as they are now, whatever later epochs write in place.
+    /// Every block is protected until [`narrow_capture`](Self::narrow_capture)
+    /// names the ones the PIT needs. One capture at a time.
+    pub fn begin_capture(&mut self) -> Result<CaptureStart, ReplicaError> {
+        if let Some(c) = &self.capture {
+            return Err(ReplicaError::PitBusy { epoch: c.epoch });
+        }
+        let dir = self
+            .paths
+            .epoch_journal
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let spool = tempfile::tempfile_in(&dir).map_err(|source| ReplicaError::Metadata {
+            what: "cannot create the PIT copy-on-write spool in",
+            path: dir,
+            source,
+        })?;
+        let blocks = self.index.block_count();
+        let mut pending = vec![u64::MAX; blocks.div_ceil(64) as usize];
+        if blocks % 64 != 0 {
+            if let Some(last) = pending.last_mut() {
+                *last = (1u64 << (blocks % 64)) - 1;
+            }
+        }
+        self.capture = Some(Capture {
+            epoch: self.index.durable_epoch,
+            pending,
+            saved: HashMap::new(),
+            spool,
+            spool_len: 0,
+            broken: None,
+        });
+        Ok(CaptureStart {
+            epoch: self.index.durable_epoch,
+            geometry: self.index.geometry,
+            volume_id: self.index.volume_id,
+            digests: self.index.digests.clone(),
+        })
+    }
+
+    /// Limits the capture to `needed` (block indexes, any order): other blocks
+    /// are no longer copied before being overwritten.
+    pub fn narrow_capture(&mut self, needed: &[u64]) {
+        if let Some(c) = &mut self.capture {
+            let mut keep = vec![0u64; c.pending.len()];
+            for &i in needed {
+                if c.is_pending(i) {
+                    keep[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
+            c.pending = keep;
+            let pending = &c.pending;
+            c.saved
+                .retain(|&i, _| pending[(i / 64) as usize] & (1 << (i % 64)) != 0);
+        }
+    }
+
+    /// Reads block `index` as it was when the capture began (from the spool if
+    /// it was overwritten since, else from the staging volume); each block
+    /// can be read once.
+    pub fn read_captured(&mut self, index: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        let Some(c) = &mut self.capture else {
+            return Err(ReplicaError::NoCapture);
+        };
+        if let Some(reason) = &c.broken {
+            return Err(ReplicaError::CaptureBroken(reason.clone()));
+        }
+        if !c.is_pending(index) {
+            return Err(ReplicaError::CaptureBroken(format!(
+                "block {index} is not part of the PIT of epoch {} (or was read already)",
+                c.epoch
+            )));
+        }
+        match c.saved.remove(&index) {
+            Some(at) => c.spool.read_exact_at(buf, at).map_err(|e| {
+                ReplicaError::CaptureBroken(format!(
+                    "cannot read block {index} back from the copy-on-write spool: {e}"
+                ))
+            })?,
+            None => self.staging.read_block(index, buf)?,
+        }
+        c.clear(index);
+        Ok(())
+    }
+
+    /// Ends the capture (the spool is freed).
+    pub fn end_capture(&mut self) {
+        self.capture = None;
+    }
+
+    /// The epoch of the PIT being captured, if any.
+    pub fn capture_epoch(&self) -> Option<u64> {
+        self.capture.as_ref().map(|c| c.epoch)
+    }
+
+    /// Writes one block in place, first copying its old content to the
+    /// capture spool if a PIT still needs it.
+    fn write_in_place(&mut self, index: u64, data: Option<&[u8]>) -> Result<(), ReplicaError> {
+        if let Some(c) = &mut self.capture {
+            if c.broken.is_none() && c.is_pending(index) && !c.saved.contains_key(&index) {
+                let mut old = vec![0u8; self.index.geometry.block_len(index) as usize];
+                let copied = self
+                    .staging
+                    .read_block(index, &mut old)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        c.spool
+                            .write_all_at(&old, c.spool_len)
+                            .map_err(|e| format!("cannot write the copy-on-write spool: {e}"))
+                    });
+                match copied {
+                    Ok(()) => {
+                        c.saved.insert(index, c.spool_len);
+                        c.spool_len += old.len() as u64;
+                    }
+                    Err(e) => {
+                        warn!(
+                            server = %self.server, volume = %self.volume, block = index,
+                            "the PIT of epoch {} is abandoned: {e}", c.epoch
+                        );
+                        c.broken = Some(format!(
+                            "block {index} was overwritten before the PIT read it: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(self.staging.write_block(index, data)?)
+    }
+
     /// Path of the staging volume.
     pub fn staging_path(&self) -> &Path {
         &self.paths.staging
@@ -412,11 +607,11 @@ impl Replica {
         self.append_intent(generation, &indexes)?;
         let written = blocks
             .iter()
-            .try_for_each(|b| self.staging.write_block(b.index, b.data.as_deref()))
-            .and_then(|_| self.staging.sync());
+            .try_for_each(|b| self.write_in_place(b.index, b.data.as_deref()))
+            .and_then(|_| Ok(self.staging.sync()?));
         if let Err(e) = written {
             self.failed = true;
-            return Err(e.into());
+            return Err(e);
         }
         for b in blocks {
             self.index.digests[b.index as usize] = b.digest;
@@ -613,9 +808,9 @@ impl Replica {
                     self.epoch_journal
                         .read_exact_at(&mut buf, at)
                         .map_err(self.epoch_err("cannot read back from epoch journal"))?;
-                    self.staging.write_block(index, Some(&buf))?;
+                    self.write_in_place(index, Some(&buf))?;
                 }
-                None => self.staging.write_block(index, None)?,
+                None => self.write_in_place(index, None)?,
             }
         }
         self.staging.sync()?;
@@ -1115,6 +1310,82 @@ mod tests {
         assert_eq!(stored.generation, gen + 1);
         let r = open(&paths, g, false).unwrap();
         assert_eq!(r.digests(3, 1), vec![BlockHash::of(&[0xa3; 4096])]);
+    }
+
+    #[test]
+    fn a_capture_sees_its_epoch_while_later_epochs_are_written_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        r.stage_epoch_blocks(
+            2,
+            &[
+                block(1, 0x21, 4096),
+                block(2, 0x22, 4096),
+                block(8, 0x28, 100),
+            ],
+        )
+        .unwrap();
+        r.commit_epoch(2).unwrap();
+        let start = r.begin_capture().unwrap();
+        assert_eq!(start.epoch, 2);
+        assert_eq!(start.digests[1], BlockHash::of(&[0x21; 4096]));
+        assert!(matches!(
+            r.begin_capture(),
+            Err(ReplicaError::PitBusy { epoch: 2 })
+        ));
+        // Epoch 3 overwrites blocks 1, 2 and 8 before the PIT narrows its
+        // set: everything is protected until then.
+        r.stage_epoch_blocks(
+            3,
+            &[
+                block(1, 0x31, 4096),
+                block(2, 0x32, 4096),
+                block(8, 0x38, 100),
+            ],
+        )
+        .unwrap();
+        r.commit_epoch(3).unwrap();
+        // The PIT needs blocks 1, 3 and 8 (block 2 unchanged since its parent).
+        r.narrow_capture(&[1, 3, 8]);
+        // Epoch 4 overwrites block 3 (needed, not yet read), and an in-place
+        // resync write hits block 8.
+        r.stage_epoch_blocks(4, &[block(3, 0x43, 4096)]).unwrap();
+        r.commit_epoch(4).unwrap();
+        r.apply(&[block(8, 0x58, 100)]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        r.read_captured(1, &mut buf).unwrap();
+        assert_eq!(buf, vec![0x21; 4096], "block 1 as of epoch 2");
+        r.read_captured(3, &mut buf).unwrap();
+        assert_eq!(buf, vec![0; 4096], "block 3 as of epoch 2 (zeros)");
+        let mut last = vec![0u8; 100];
+        r.read_captured(8, &mut last).unwrap();
+        assert_eq!(last, vec![0x28; 100], "short last block as of epoch 2");
+        assert!(
+            matches!(
+                r.read_captured(2, &mut buf),
+                Err(ReplicaError::CaptureBroken(_))
+            ),
+            "block 2 is not part of the PIT"
+        );
+        assert!(
+            matches!(
+                r.read_captured(1, &mut buf),
+                Err(ReplicaError::CaptureBroken(_))
+            ),
+            "a block is read once"
+        );
+        // The staging volume itself is at epoch 4 plus the resync write.
+        assert_eq!(block_bytes(&paths, 1), vec![0x31; 4096]);
+        assert_eq!(block_bytes(&paths, 3), vec![0x43; 4096]);
+        assert_eq!(r.capture_epoch(), Some(2));
+        r.end_capture();
+        assert_eq!(r.capture_epoch(), None);
+        assert!(matches!(
+            r.read_captured(1, &mut buf),
+            Err(ReplicaError::NoCapture)
+        ));
+        assert_eq!(r.begin_capture().unwrap().epoch, 4);
     }
 
     #[test]

@@ -49,6 +49,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,7 +57,9 @@ use anyhow::Context;
 use bytes::BytesMut;
 use lifeboat_protocol::block::BlockDecoder;
 use lifeboat_protocol::codec::{self, FrameDecoder};
-use lifeboat_protocol::frame::{BlockRange, Frame, RejectCode, HELLO_FLAG_RESIZE, RESYNC_EPOCH};
+use lifeboat_protocol::frame::{
+    BlockRange, Frame, PitOutcome, RejectCode, HELLO_FLAG_RESIZE, RESYNC_EPOCH,
+};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::session::{ReceiverEvent, ReceiverSession, SessionState};
 use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
@@ -76,6 +79,8 @@ const APPLY_QUEUE_BYTES: usize = 64 << 20;
 const BATCH_BYTES: usize = 16 << 20;
 /// …or once no block has arrived for this long.
 const BATCH_IDLE: Duration = Duration::from_millis(5);
+/// After a failed scheduled PIT, wait at most this long before the next try.
+const PIT_RETRY_MS: u64 = 60_000;
 
 /// Shared state of a running receiver.
 pub struct Receiver {
@@ -85,8 +90,19 @@ pub struct Receiver {
     active: Mutex<HashMap<(ServerName, VolumeName), quinn::Connection>>,
     /// Where PITs go.
     store: crate::store::Store,
-    /// When each volume's latest PIT was taken (Unix ms), once known.
-    last_pit: Mutex<HashMap<(ServerName, VolumeName), u64>>,
+    /// When each volume's next scheduled PIT is due (Unix ms), once known.
+    next_pit: Mutex<HashMap<(ServerName, VolumeName), u64>>,
+    /// Cancel flags of the PITs being written, per volume: raised when a newer
+    /// session takes the volume over, so the old one lets go of it quickly.
+    pits_running: Mutex<HashMap<(ServerName, VolumeName), Arc<AtomicBool>>>,
+}
+
+/// A PIT task's result, for the session that started it.
+struct PitDone {
+    epoch: u64,
+    /// The agent asked for it (and waits for a `PitTaken`).
+    requested: bool,
+    result: Result<crate::pitter::TakenPit, String>,
 }
 
 /// Runs the receiver until SIGINT or SIGTERM.
@@ -124,7 +140,8 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
         config,
         active: Mutex::new(HashMap::new()),
         store,
-        last_pit: Mutex::new(HashMap::new()),
+        next_pit: Mutex::new(HashMap::new()),
+        pits_running: Mutex::new(HashMap::new()),
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -379,6 +396,14 @@ async fn claim_volume(
         if Instant::now() >= deadline {
             return false;
         }
+        if let Some(flag) = receiver
+            .pits_running
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).cloned())
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
         if holder.close_reason().is_none() {
             warn!(volume = %format!("{}/{}", key.0, key.1), "a newer session of the same server takes over the volume; closing the older one");
             holder.close(
@@ -415,6 +440,11 @@ async fn drive_session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut volume_label = String::new();
     let mut volume_name: Option<VolumeName> = None;
+    let (pit_tx, mut pit_rx) = mpsc::unbounded_channel::<PitDone>();
+    // The PIT the agent asked for, once its epoch is durable: (epoch, label).
+    let mut pit_wanted: Option<(u64, Option<String>)> = None;
+    // The epoch of this session's PIT being written, if any.
+    let mut pit_running: Option<u64> = None;
 
     let result: anyhow::Result<()> = async {
         loop {
@@ -488,17 +518,50 @@ async fn drive_session(
                         };
                         session.blocks_durable(generation, Vec::new(), gate.durable());
                     }
+                    ReceiverEvent::PitDue { epoch, label } => {
+                        pit_wanted = Some((epoch, label));
+                    }
                     ReceiverEvent::EpochDurable(epoch) => {
-                        if let Some(replica) = &replica {
+                        if let (Some(replica), Some(volume)) = (&replica, &volume_name) {
+                            let requested = pit_wanted.take_if(|w| w.0 == epoch);
+                            let pit = match requested {
+                                Some((_, label)) => {
+                                    // One PIT at a time: the one asked for waits
+                                    // for a scheduled one still being written.
+                                    while pit_running.is_some() {
+                                        let Some(done) = pit_rx.recv().await else { break };
+                                        pit_finished(&receiver, &server, volume, &mut session, &mut pit_running, done);
+                                    }
+                                    Some((true, label))
+                                }
+                                None if pit_running.is_none() && pit_schedule_due(&receiver, &server, volume).await => Some((false, None)),
+                                None => None,
+                            };
                             let r = replica.clone();
-                            tokio::task::spawn_blocking(move || {
-                                r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?.close_epoch(epoch).map_err(anyhow::Error::new)
+                            let (s, v) = (server.clone(), volume.clone());
+                            let label = pit.as_ref().and_then(|p| p.1.clone());
+                            let want_pit = pit.is_some();
+                            // Closing the epoch and starting the PIT under one
+                            // lock: no later epoch is in place before the
+                            // PIT's copy-on-write protects its blocks.
+                            let job = tokio::task::spawn_blocking(move || {
+                                let mut r = r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
+                                r.close_epoch(epoch)?;
+                                Ok::<_, anyhow::Error>(if want_pit { Some(crate::pitter::start_pit(&mut r, &s, &v, label)) } else { None })
                             }).await??;
                             debug!(epoch, "epoch durable");
-                            // A scheduled PIT, taken before the flush that
-                            // made the epoch durable is answered.
-                            if let Some(volume) = &volume_name {
-                                maybe_take_pit(&receiver, replica, &server, volume).await;
+                            match (job, pit) {
+                                (Some(Ok(job)), Some((requested, _))) => {
+                                    pit_running = Some(epoch);
+                                    spawn_pit(&receiver, replica.clone(), _guard.clone(), &server, volume, job, requested, pit_tx.clone());
+                                }
+                                (Some(Err(e)), Some((requested, _))) => {
+                                    error!(volume = %volume, epoch, "cannot start a PIT: {e}");
+                                    if requested {
+                                        session.pit_taken(epoch, PitOutcome::Failed { message: format!("cannot start the PIT: {e}") });
+                                    }
+                                }
+                                _ => {}
                             }
                         }
                         if let Some(st) = &mut status {
@@ -631,6 +694,11 @@ async fn drive_session(
                         None => {}
                     }
                 }
+                Some(done) = pit_rx.recv() => {
+                    if let Some(volume) = &volume_name {
+                        pit_finished(&receiver, &server, volume, &mut session, &mut pit_running, done);
+                    }
+                }
                 _ = tick.tick() => {}
                 _ = sleep_until(timeout) => {
                     if let Err(e) = session.handle_timeout(Instant::now()) {
@@ -674,59 +742,124 @@ fn write_status(status: &mut StatusRecorder) {
     }
 }
 
-/// Takes a PIT of the volume if the last one is older than the interval.
-/// A failed PIT is logged and does not end the session: replication goes on,
-/// and the next durable epoch tries again.
-async fn maybe_take_pit(
-    receiver: &Arc<Receiver>,
-    replica: &Arc<Mutex<Replica>>,
-    server: &ServerName,
-    volume: &VolumeName,
-) {
+/// Whether a scheduled PIT of the volume is due (its interval has passed
+/// since the last one started). Reads the store once per volume, to learn
+/// when the latest PIT was taken.
+async fn pit_schedule_due(receiver: &Receiver, server: &ServerName, volume: &VolumeName) -> bool {
     let key = (server.clone(), volume.clone());
     let known = receiver
-        .last_pit
+        .next_pit
         .lock()
         .ok()
         .and_then(|m| m.get(&key).copied());
-    let last = match known {
-        Some(t) => Some(t),
+    let interval_ms = receiver.config.pit_interval().as_millis() as u64;
+    let due = match known {
+        Some(t) => t,
         None => {
             match crate::pit::list_pits(&receiver.store, server.as_str(), volume.as_str()).await {
-                Ok(list) => list.last().map(|p| p.time_unix_ms),
+                Ok(list) => {
+                    let due = list
+                        .last()
+                        .map_or(0, |p| p.time_unix_ms.saturating_add(interval_ms));
+                    if let Ok(mut m) = receiver.next_pit.lock() {
+                        m.insert(key, due);
+                    }
+                    due
+                }
                 Err(e) => {
                     error!(volume = %volume, "cannot list PITs: {e}");
-                    return;
+                    return false;
                 }
             }
         }
     };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    unix_ms() >= due
+}
+
+/// Writes a started PIT in the background (holding the volume, so no newer
+/// session opens the replica meanwhile, unless it takes over: then the PIT is
+/// cancelled) and reports to the session through `done`.
+#[allow(clippy::too_many_arguments)]
+fn spawn_pit(
+    receiver: &Arc<Receiver>,
+    replica: Arc<Mutex<Replica>>,
+    guard: Option<Arc<ActiveGuard>>,
+    server: &ServerName,
+    volume: &VolumeName,
+    job: crate::pitter::PitJob,
+    requested: bool,
+    done: mpsc::UnboundedSender<PitDone>,
+) {
+    let key = (server.clone(), volume.clone());
+    let epoch = job.epoch();
     let interval_ms = receiver.config.pit_interval().as_millis() as u64;
-    if last.is_some_and(|t| now_ms.saturating_sub(t) < interval_ms) {
-        return;
+    if let Ok(mut m) = receiver.next_pit.lock() {
+        m.insert(key.clone(), unix_ms().saturating_add(interval_ms));
     }
-    let (rt, store, replica) = (
+    let cancel = Arc::new(AtomicBool::new(false));
+    if let Ok(mut m) = receiver.pits_running.lock() {
+        m.insert(key.clone(), cancel.clone());
+    }
+    let (receiver, rt, store) = (
+        receiver.clone(),
         tokio::runtime::Handle::current(),
         receiver.store.clone(),
-        replica.clone(),
     );
-    let (s, v) = (server.clone(), volume.clone());
-    let taken = tokio::task::spawn_blocking(move || {
-        crate::pitter::take_pit(&rt, &store, &replica, &s, &v, None)
-    })
-    .await;
-    match taken {
-        Ok(Ok(_)) => {
-            if let Ok(mut m) = receiver.last_pit.lock() {
-                m.insert(key, now_ms);
+    tokio::task::spawn_blocking(move || {
+        let result = crate::pitter::finish_pit(&rt, &store, &replica, job, &cancel)
+            .map_err(|e| format!("{e:#}"));
+        if let Ok(mut m) = receiver.pits_running.lock() {
+            if m.get(&key).is_some_and(|f| Arc::ptr_eq(f, &cancel)) {
+                m.remove(&key);
             }
         }
-        Ok(Err(e)) => error!(volume = %volume, "PIT failed: {e:#}"),
-        Err(e) => error!(volume = %volume, "PIT task failed: {e}"),
+        if result.is_err() {
+            // Retry at a later durable epoch, without hammering a failing store.
+            let retry = unix_ms().saturating_add(interval_ms.min(PIT_RETRY_MS));
+            if let Ok(mut m) = receiver.next_pit.lock() {
+                m.insert(key, retry);
+            }
+        }
+        drop(guard);
+        let _ = done.send(PitDone {
+            epoch,
+            requested,
+            result,
+        });
+    });
+}
+
+/// Logs a finished PIT and, if the agent asked for it, answers it.
+fn pit_finished(
+    _receiver: &Receiver,
+    server: &ServerName,
+    volume: &VolumeName,
+    session: &mut ReceiverSession,
+    running: &mut Option<u64>,
+    done: PitDone,
+) {
+    if *running == Some(done.epoch) {
+        *running = None;
     }
+    let outcome = match done.result {
+        Ok(taken) => PitOutcome::Taken {
+            id: taken.id.to_string(),
+            pit_epoch: taken.epoch,
+        },
+        Err(message) => {
+            error!(server = %server, volume = %volume, epoch = done.epoch, "PIT failed: {message}");
+            PitOutcome::Failed { message }
+        }
+    };
+    if done.requested {
+        session.pit_taken(done.epoch, outcome);
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -1,7 +1,7 @@
 //! Point-in-time snapshots through the real binaries, on the local store:
-//! PITs taken by the receiver (here at every durable epoch), listed with
-//! `pits`, restored with `launch`; a time before the first PIT and a corrupt
-//! chunk are errors that name what was wrong.
+//! PITs asked for with `sync --pit`, listed with `pits`, restored with
+//! `launch`; a time before the first PIT and a corrupt chunk are errors that
+//! name what was wrong.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -43,27 +43,39 @@ fn launch(rx: &Receiver, at: &str, out: &Path) -> Outcome {
 
 #[test]
 fn pits_are_taken_listed_and_launched_exactly() {
-    let mut rx = Receiver::init_only();
-    let config = rx.dir.join("receiver.toml");
-    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
-    text.push_str("pit_interval = \"0s\"\n");
-    std::fs::write(&config, text).expect("write receiver.toml");
-    rx.serve();
+    // The default schedule (every 10 minutes) is in force too: the first
+    // durable epoch of a volume is due for one, and the PIT asked for with
+    // --pit stands in for it, so there are exactly the two asked for.
+    let rx = Receiver::start();
 
-    // Content A, synced: a PIT at its epoch.
+    // Content A, synced with --pit: a PIT at its epoch, labelled.
     let mut image = write_mixed_image(&rx.image_path("pit"), 96, BLOCK, 0x9172);
     let state = rx.agent_state("p");
     let a_copy = rx.tmp.path().join("A.img");
-    run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
+    let a = run_sync(
+        &rx.bundle,
+        &image.path,
+        "data",
+        &state,
+        &["--pit", "--pit-label", "content A"],
+    )
+    .json();
     std::fs::copy(&image.path, &a_copy).expect("keep a copy of A");
 
     // Content B: a second, incremental PIT.
     let changed = change_blocks(&mut image, 7, 0xb);
     assert_eq!(changed.len(), 7);
-    run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
+    let b = run_sync(&rx.bundle, &image.path, "data", &state, &["--pit"]).json();
 
     let list = pits(&rx);
     assert_eq!(list.len(), 2, "{list:?}");
+    // What sync printed is what the store holds.
+    assert_eq!(a["pit"]["id"], list[0]["id"], "{a}");
+    assert_eq!(a["pit"]["label"], "content A", "{a}");
+    assert_eq!(list[0]["label"], "content A", "{list:?}");
+    assert_eq!(a["pit"]["epoch"], list[0]["epoch"], "{a}");
+    assert_eq!(b["pit"]["id"], list[1]["id"], "{b}");
+    assert!(list[1]["label"].is_null(), "{list:?}");
     assert!(
         list[0]["epoch"].as_u64() < list[1]["epoch"].as_u64(),
         "oldest first: {list:?}"
