@@ -11,6 +11,8 @@
 //! staging_dir = "/srv/lifeboat"       # optional; default D/staging
 //! fsync = "always"                    # optional; the only policy for now
 //! store = "file:///srv/lifeboat"      # optional PIT store (file:///abs, /abs or s3://bucket/prefix); default D/store
+//! pit_interval = "10m"                # optional; scheduled PITs ("0s": at every durable epoch)
+//! pit_max_rate = "50MiB/s"            # optional cap on each PIT's reads and uploads
 //!
 //! [[volume]]                          # optional: a block device or file as one volume's staging
 //! server = "web-1"
@@ -133,6 +135,11 @@ pub struct ReceiverConfig {
     /// epoch). `None` means the default, [`DEFAULT_PIT_INTERVAL`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pit_interval: Option<String>,
+    /// Cap on the rate at which a PIT reads blocks and uploads them to the
+    /// store (bytes of block data per second, e.g. "50MiB/s"), so snapshots do
+    /// not starve the link to the store or the staging disk; `None`: no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pit_max_rate: Option<String>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -150,8 +157,20 @@ struct RawConfig {
     fsync: FsyncPolicy,
     store: Option<String>,
     pit_interval: Option<String>,
+    pit_max_rate: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
+}
+
+/// Parses a data rate such as `50MiB/s` (or `50MiB`): above zero.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    match lifeboat_protocol::geometry::parse_size(t) {
+        Ok(0) => Err("the rate must be above zero".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a rate (e.g. \"50MiB/s\")".into()),
+    }
 }
 
 /// DRS's default PIT interval: ten minutes.
@@ -182,6 +201,7 @@ impl ReceiverConfig {
             fsync: FsyncPolicy::Always,
             store: None,
             pit_interval: None,
+            pit_max_rate: None,
             volumes: Vec::new(),
         }
     }
@@ -224,6 +244,7 @@ impl ReceiverConfig {
             fsync: raw.fsync,
             store: raw.store,
             pit_interval: raw.pit_interval,
+            pit_max_rate: raw.pit_max_rate,
             volumes: raw.volumes,
         };
         config.check().map_err(ParseError::Invalid)?;
@@ -265,6 +286,9 @@ impl ReceiverConfig {
         if let Some(text) = &self.pit_interval {
             humantime::parse_duration(text.trim())
                 .map_err(|e| format!("pit_interval = {text:?}: {e} (e.g. \"10m\", \"1h\")"))?;
+        }
+        if let Some(text) = &self.pit_max_rate {
+            parse_rate(text).map_err(|e| format!("pit_max_rate = {text:?}: {e}"))?;
         }
         if let Some(store) = &self.store {
             crate::store::StoreUrl::parse(store).map_err(|e| format!("store = {store:?}: {e}"))?;
@@ -349,6 +373,13 @@ impl ReceiverConfig {
             .unwrap_or(DEFAULT_PIT_INTERVAL)
     }
 
+    /// The cap on PIT upload rate, in bytes per second, if any.
+    pub fn pit_max_rate(&self) -> Option<u64> {
+        self.pit_max_rate
+            .as_deref()
+            .and_then(|t| parse_rate(t).ok())
+    }
+
     /// The PIT store's URL: `store` if set, else `D/store` (`D` made absolute).
     pub fn store_url(&self, dir: &Path) -> Result<crate::store::StoreUrl, String> {
         let text = match &self.store {
@@ -363,6 +394,7 @@ impl ReceiverConfig {
     }
 }
 
+#[derive(Debug)]
 enum ParseError {
     Syntax(String),
     Invalid(String),
@@ -496,9 +528,28 @@ mod tests {
     }
 
     #[test]
+    fn pit_max_rate_is_optional_and_checked() {
+        let listen = "listen = \"127.0.0.1:7443\"\n";
+        let c = ReceiverConfig::from_toml(listen).expect("parse");
+        assert_eq!(c.pit_max_rate(), None);
+        let c = ReceiverConfig::from_toml(&format!("{listen}pit_max_rate = \"16MiB/s\"\n"))
+            .expect("parse");
+        assert_eq!(c.pit_max_rate(), Some(16 << 20));
+        assert!(c.to_toml().contains("pit_max_rate = \"16MiB/s\""));
+        for bad in ["0MiB/s", "fast", "-1"] {
+            match ReceiverConfig::from_toml(&format!("{listen}pit_max_rate = \"{bad}\"\n")) {
+                Err(ParseError::Invalid(reason)) => {
+                    assert!(reason.contains("pit_max_rate"), "{reason}")
+                }
+                _ => panic!("pit_max_rate = {bad:?} must be rejected"),
+            }
+        }
+    }
+
+    #[test]
     fn store_key_is_optional_checked_and_defaults_under_dir() {
         let listen = "listen = \"127.0.0.1:7443\"\n";
-        let c = ReceiverConfig::from_toml(listen).ok().expect("parses");
+        let c = ReceiverConfig::from_toml(listen).expect("parses");
         assert_eq!(c.store, None);
         assert_eq!(
             c.store_url(Path::new("/var/lib/lb")).expect("url"),
@@ -507,7 +558,6 @@ mod tests {
             }
         );
         let c = ReceiverConfig::from_toml(&format!("{listen}store = \"file:///srv/pits\"\n"))
-            .ok()
             .expect("parses");
         assert_eq!(c.store.as_deref(), Some("file:///srv/pits"));
         assert!(c.to_toml().contains("store = \"file:///srv/pits\""));

@@ -104,15 +104,17 @@ pub fn start_pit(
 /// Step 2 (see the module docs). Blocking: run it on a blocking thread; store
 /// calls go through `rt`. Ends the replica's capture whatever happens. When
 /// `cancel` is raised it stops before the next batch, with [`PitCancelled`].
+/// `max_rate` caps the bytes of block data read and uploaded per second.
 pub fn finish_pit(
     rt: &tokio::runtime::Handle,
     store: &Store,
     replica: &Arc<Mutex<Replica>>,
     job: PitJob,
     cancel: &AtomicBool,
+    max_rate: Option<u64>,
 ) -> anyhow::Result<TakenPit> {
     let epoch = job.epoch();
-    let result = write_pit(rt, store, replica, job, cancel);
+    let result = write_pit(rt, store, replica, job, cancel, max_rate);
     if let Ok(mut r) = replica.lock() {
         // A later PIT may have begun only if this one ended; never end it.
         if r.capture_epoch() == Some(epoch) {
@@ -138,7 +140,7 @@ pub fn take_pit(
             .map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
         start_pit(&mut r, server, volume, label)?
     };
-    finish_pit(rt, store, replica, job, &AtomicBool::new(false))
+    finish_pit(rt, store, replica, job, &AtomicBool::new(false), None)
 }
 
 fn write_pit(
@@ -147,6 +149,7 @@ fn write_pit(
     replica: &Arc<Mutex<Replica>>,
     job: PitJob,
     cancel: &AtomicBool,
+    max_rate: Option<u64>,
 ) -> anyhow::Result<TakenPit> {
     use futures::StreamExt;
 
@@ -221,8 +224,21 @@ fn write_pit(
         lock(replica)?.narrow_capture(&indexes);
     }
     let mut stored = 0usize;
+    let started = std::time::Instant::now();
+    let mut bytes_done = 0u64;
     for batch in wanted.chunks(UPLOAD_BATCH) {
         check_cancel()?;
+        if let Some(rate) = max_rate {
+            // Pace: the bytes done so far may take no less than bytes / rate.
+            let due = std::time::Duration::from_secs_f64(bytes_done as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        bytes_done += batch
+            .iter()
+            .map(|(i, _)| geometry.block_len(*i) as u64)
+            .sum::<u64>();
         let mut blocks = Vec::with_capacity(batch.len());
         {
             let mut r = lock(replica)?;

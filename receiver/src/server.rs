@@ -530,7 +530,7 @@ async fn drive_session(
                                     // for a scheduled one still being written.
                                     while pit_running.is_some() {
                                         let Some(done) = pit_rx.recv().await else { break };
-                                        pit_finished(&receiver, &server, volume, &mut session, &mut pit_running, done);
+                                        pit_finished(&server, volume, &mut session, &mut pit_running, done);
                                     }
                                     Some((true, label))
                                 }
@@ -696,7 +696,7 @@ async fn drive_session(
                 }
                 Some(done) = pit_rx.recv() => {
                     if let Some(volume) = &volume_name {
-                        pit_finished(&receiver, &server, volume, &mut session, &mut pit_running, done);
+                        pit_finished(&server, volume, &mut session, &mut pit_running, done);
                     }
                 }
                 _ = tick.tick() => {}
@@ -796,6 +796,7 @@ fn spawn_pit(
     if let Ok(mut m) = receiver.next_pit.lock() {
         m.insert(key.clone(), unix_ms().saturating_add(interval_ms));
     }
+    let max_rate = receiver.config.pit_max_rate();
     let cancel = Arc::new(AtomicBool::new(false));
     if let Ok(mut m) = receiver.pits_running.lock() {
         m.insert(key.clone(), cancel.clone());
@@ -806,7 +807,7 @@ fn spawn_pit(
         receiver.store.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        let result = crate::pitter::finish_pit(&rt, &store, &replica, job, &cancel)
+        let result = crate::pitter::finish_pit(&rt, &store, &replica, job, &cancel, max_rate)
             .map_err(|e| format!("{e:#}"));
         if let Ok(mut m) = receiver.pits_running.lock() {
             if m.get(&key).is_some_and(|f| Arc::ptr_eq(f, &cancel)) {
@@ -831,7 +832,6 @@ fn spawn_pit(
 
 /// Logs a finished PIT and, if the agent asked for it, answers it.
 fn pit_finished(
-    _receiver: &Receiver,
     server: &ServerName,
     volume: &VolumeName,
     session: &mut ReceiverSession,

@@ -21,7 +21,8 @@ use lifeboat_protocol::{ServerName, VolumeName};
 use lifeboat_receiver::replica::{Replica, ReplicaPaths};
 use lifeboat_tests::{
     assert_identical, attach, attach_with, binaries, change_blocks, file_digest, first_difference,
-    loop_unavailable, run, skip, write_mixed_image, LoopDevice, Receiver, BLOCK, SERVER,
+    loop_unavailable, run, skip, write_mixed_image, write_random_image, LoopDevice, Receiver,
+    BLOCK, SERVER,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -1592,4 +1593,117 @@ fn clean_restart_continues_without_rescan() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+// ---------------------------------------------------------------------------
+// PITs while replication goes on.
+
+fn pit_list(rx: &Receiver, volume: &str) -> Vec<serde_json::Value> {
+    let dir = rx.dir.to_str().expect("utf-8 path");
+    let out = run(
+        &binaries().receiver,
+        [
+            "pits", "--dir", dir, "--server", SERVER, "--volume", volume, "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "pits failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", out.stdout))
+}
+
+/// A PIT is written in the background while later epochs are applied: the
+/// staging volume moves on to later content before the PIT is in the store,
+/// and the PIT still launches exactly as the volume was at its epoch (the
+/// blocks overwritten meanwhile come from the copy-on-write spool).
+#[test]
+fn epochs_apply_while_a_pit_is_written() {
+    let mut rx = Receiver::init_only();
+    let config = rx.dir.join("receiver.toml");
+    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
+    // ~29 MiB of random blocks at 4 MiB/s: the PIT takes about 7 s.
+    text.push_str("pit_max_rate = \"4MiB/s\"\n");
+    std::fs::write(&config, text).expect("write receiver.toml");
+    rx.serve();
+
+    let mut image = write_random_image(&rx.image_path("cow"), 512, BLOCK, 0xc0c0);
+    let content_a = rx.tmp.path().join("A.img");
+    std::fs::copy(&image.path, &content_a).expect("keep a copy of A");
+    let state = rx.agent_state("cow");
+    let agent = run_agent(
+        &rx,
+        &[(&image.path, "data")],
+        &state,
+        &["--scan-interval", "1s"],
+        "cow",
+    );
+    // The initial sync closes epoch 1; the volume has no PIT yet, so the
+    // schedule takes one of epoch 1 at once.
+    let v = wait_status(
+        &rx,
+        &agent,
+        "data",
+        "durable at epoch 1",
+        Duration::from_secs(60),
+        |v| epoch_of(v) >= 1,
+    );
+    let first_epoch = epoch_of(&v);
+
+    // Content B overwrites blocks all over the volume, PIT or no PIT.
+    let changed = change_blocks(&mut image, 96, 0xc0c1);
+    wait_identical(&rx, &agent, &image.path, "data", Duration::from_secs(60));
+    // (The status file is rewritten about once a second.)
+    let v = wait_status(
+        &rx,
+        &agent,
+        "data",
+        "at an epoch after the PIT's",
+        Duration::from_secs(10),
+        |v| epoch_of(v) > first_epoch,
+    );
+    let moved_on = epoch_of(&v);
+    assert!(
+        pit_list(&rx, "data").is_empty(),
+        "the PIT was complete before the later epoch was applied: nothing shows that epochs go on during a PIT"
+    );
+
+    // The PIT completes and holds A, not B.
+    let mut list = Vec::new();
+    let done = poll_every(Duration::from_millis(250), Duration::from_secs(90), || {
+        list = pit_list(&rx, "data");
+        !list.is_empty()
+    });
+    assert!(done, "no PIT within 90 s; receiver log:\n{}", rx.log());
+    assert_eq!(list.len(), 1, "{list:?}");
+    let pit_epoch = list[0]["epoch"].as_u64().expect("epoch");
+    assert!(
+        pit_epoch <= first_epoch && pit_epoch < moved_on,
+        "PIT of epoch {pit_epoch}, taken before B (epoch {moved_on}): {list:?}"
+    );
+    let launched = rx.tmp.path().join("launched-a.img");
+    let dir = rx.dir.to_str().expect("utf-8 path");
+    let out = run(
+        &binaries().receiver,
+        [
+            "launch",
+            "--dir",
+            dir,
+            "--server",
+            SERVER,
+            "--volume",
+            "data",
+            "--at",
+            "latest",
+            "--out",
+            launched.to_str().expect("utf-8 path"),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "launch failed: {}", out.stderr);
+    println!(
+        "epochs_apply_while_a_pit_is_written: {} blocks changed during the PIT of epoch {first_epoch}; staging at epoch {moved_on}",
+        changed.len()
+    );
+    assert_identical(&content_a, &launched);
+    agent.terminate();
 }

@@ -1,0 +1,232 @@
+//! PITs on a bad day, through the real binaries: the receiver killed while it
+//! writes a PIT leaves no partial PIT listed and the next one succeeds; a
+//! launched ext4 volume passes fsck and mounts with every file intact.
+//!
+//! The PIT rate cap (`pit_max_rate` in receiver.toml) keeps a PIT in
+//! progress long enough to be interrupted, without a large volume.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lifeboat_tests::{
+    assert_identical, attach, binaries, loop_unavailable, poll, run, run_sync, skip,
+    write_random_image, Outcome, Receiver, Sync, BLOCK, SERVER,
+};
+
+/// A receiver with `extra` appended to its receiver.toml, serving.
+fn receiver_with(extra: &str) -> Receiver {
+    let mut rx = Receiver::init_only();
+    let config = rx.dir.join("receiver.toml");
+    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
+    text.push_str(extra);
+    std::fs::write(&config, text).expect("write receiver.toml");
+    rx.serve();
+    rx
+}
+
+fn receiver_cmd(rx: &Receiver, args: &[&str]) -> Outcome {
+    let mut all: Vec<&OsStr> = vec![OsStr::new(args[0]), OsStr::new("--dir"), rx.dir.as_os_str()];
+    all.extend(args[1..].iter().map(OsStr::new));
+    run(&binaries().receiver, all, Duration::from_secs(120))
+}
+
+fn pits(rx: &Receiver, volume: &str) -> Vec<serde_json::Value> {
+    let out = receiver_cmd(
+        rx,
+        &["pits", "--server", SERVER, "--volume", volume, "--json"],
+    );
+    assert!(out.status.success(), "pits failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", out.stdout))
+}
+
+fn launch(rx: &Receiver, volume: &str, at: &str, out: &Path) {
+    let o = receiver_cmd(
+        rx,
+        &[
+            "launch",
+            "--server",
+            SERVER,
+            "--volume",
+            volume,
+            "--at",
+            at,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(o.status.success(), "launch --at {at} failed: {}", o.stderr);
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn receiver_killed_mid_pit_leaves_no_partial_pit_and_the_next_succeeds() {
+    // 4 MiB/s over ~14 MiB of random blocks: the PIT takes a few seconds.
+    let mut rx = receiver_with("pit_max_rate = \"4MiB/s\"\n");
+    let image = write_random_image(&rx.image_path("big"), 256, BLOCK, 0x6b11);
+    let state = rx.agent_state("kill");
+    let sync = Sync::new(&rx.bundle, &image.path, "data", &state)
+        .arg("--pit")
+        .spawn();
+
+    // The PIT is being written: chunks arrive, no manifest yet.
+    let store = rx.dir.join("store");
+    let writing = poll(Duration::from_secs(60), || {
+        files_under(&store.join("chunks")).len() >= 8
+    });
+    assert!(writing, "no PIT chunks appeared; log:\n{}", rx.log());
+    assert!(
+        files_under(&store.join("pits")).is_empty(),
+        "the PIT finished before the test could interrupt it"
+    );
+    rx.kill9();
+    // `pits` reads the store with no receiver running: nothing half-made.
+    assert!(pits(&rx, "data").is_empty(), "a partial PIT is listed");
+
+    // The restarted receiver resets the old connection: the agent reports that
+    // its data is durable but the PIT was not confirmed, and fails.
+    rx.serve();
+    let out = sync.wait(Duration::from_secs(120));
+    assert!(!out.status.success(), "sync --pit succeeded without a PIT");
+    assert!(
+        out.stderr.contains("PIT") && out.stderr.contains("durable"),
+        "the error does not say what happened: {}",
+        out.stderr
+    );
+
+    // The next PIT succeeds (nothing to send: the data was durable) and
+    // launches exactly.
+    let again = run_sync(&rx.bundle, &image.path, "data", &state, &["--pit"]).json();
+    assert_eq!(again["changed_blocks"], 0, "{again}");
+    let list = pits(&rx, "data");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"], again["pit"]["id"], "{again}");
+    let out = rx.tmp.path().join("launched.img");
+    launch(&rx, "data", "latest", &out);
+    assert_identical(&image.path, &out);
+}
+
+#[test]
+fn launched_ext4_volume_passes_fsck_and_mounts_with_its_files() {
+    let rx = Receiver::start();
+    // A populated ext4 image, made without mounting anything.
+    let files = rx.tmp.path().join("files");
+    std::fs::create_dir_all(files.join("etc/app")).expect("mkdir");
+    let mut contents = Vec::new();
+    for (i, name) in ["etc/app/config.toml", "data.bin", "etc/hosts", "big.log"]
+        .iter()
+        .enumerate()
+    {
+        let len = [700usize, 3 << 20, 90, 5 << 20][i];
+        let body: Vec<u8> = (0..len)
+            .map(|j| (j as u64 * 2654435761 + i as u64 * 97).to_le_bytes()[1])
+            .collect();
+        std::fs::write(files.join(name), &body).expect("write file");
+        contents.push((name.to_string(), body));
+    }
+    let image = rx.image_path("ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("32M")
+        .output();
+    match mkfs {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            skip(
+                "launched_ext4_volume_passes_fsck_and_mounts_with_its_files",
+                &format!(
+                    "mkfs.ext4 -d failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            );
+            return;
+        }
+        Err(e) => {
+            skip(
+                "launched_ext4_volume_passes_fsck_and_mounts_with_its_files",
+                &format!("cannot run mkfs.ext4: {e}"),
+            );
+            return;
+        }
+    }
+    let state = rx.agent_state("ext4");
+    let summary = run_sync(&rx.bundle, &image, "root", &state, &["--pit"]).json();
+    let id = summary["pit"]["id"].as_str().expect("a PIT id").to_string();
+    let launched = rx.tmp.path().join("launched-ext4.img");
+    launch(&rx, "root", &id, &launched);
+    assert_identical(&image, &launched);
+
+    let fsck = Command::new("fsck.ext4")
+        .args(["-n", "-f"])
+        .arg(&launched)
+        .output()
+        .expect("run fsck.ext4");
+    assert!(
+        fsck.status.success(),
+        "fsck.ext4 -n -f of the launched volume failed:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    if let Some(reason) = loop_unavailable() {
+        skip(
+            "launched_ext4_volume_passes_fsck_and_mounts_with_its_files (mount)",
+            &reason,
+        );
+        return;
+    }
+    let dev = attach(&launched).expect("attach the launched volume");
+    let mnt = rx.tmp.path().join("launched-mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir mount point");
+    let out = Command::new("mount")
+        .args(["-o", "ro"])
+        .arg(&dev.dev)
+        .arg(&mnt)
+        .output()
+        .expect("run mount");
+    assert!(
+        out.status.success(),
+        "mounting the launched volume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compared: Vec<Result<(), String>> = contents
+        .iter()
+        .map(|(name, body)| match std::fs::read(mnt.join(name)) {
+            Ok(b) if &b == body => Ok(()),
+            Ok(b) => Err(format!(
+                "{name}: {} bytes differ from the original",
+                b.len()
+            )),
+            Err(e) => Err(format!("{name}: {e}")),
+        })
+        .collect();
+    let umount = Command::new("umount").arg(&mnt).status();
+    drop(dev);
+    for c in compared {
+        c.expect("a file of the launched volume");
+    }
+    assert!(umount.is_ok_and(|s| s.success()), "umount failed");
+}
