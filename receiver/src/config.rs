@@ -18,7 +18,20 @@
 //! server = "web-1"
 //! volume = "root"
 //! path = "/dev/vg0/web-1-root"
+//!
+//! [s3]                                # optional, only with an s3:// store
+//! endpoint = "http://127.0.0.1:9000"  # an S3-compatible server (path-style requests); default AWS
+//! region = "eu-west-1"                # default AWS_REGION / AWS_DEFAULT_REGION; us-east-1 with an endpoint
+//! allow_http = true                   # allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP, else false
+//! access_key_id = "AKIA..."           # static credentials: both or neither; default the
+//! secret_access_key_file = "s3.secret" #  AWS environment (AWS_ACCESS_KEY_ID, ..., instance role)
 //! ```
+//!
+//! # `[s3]`
+//! Settings here win over the `AWS_*` environment (see [`crate::store`]). The
+//! secret key is never written in this file, which `init` makes world-readable
+//! and operators paste into tickets: `secret_access_key_file` names a file
+//! (mode 0600, relative to `D`) holding it; surrounding whitespace is ignored.
 //!
 //! # `tls_name`
 //! Agents verify the receiver certificate against `tls_name`, so it must be one of
@@ -39,6 +52,7 @@ use lifeboat_protocol::{ServerName, VolumeName};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::store::{S3Credentials, S3Settings, Store, StoreUrl};
 
 /// The configuration file's name inside the receiver directory.
 pub const CONFIG_FILE: &str = "receiver.toml";
@@ -112,6 +126,90 @@ pub struct VolumeStaging {
     pub path: PathBuf,
 }
 
+/// The `[s3]` table: how to reach an `s3://` store (see the module documentation).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint of an S3-compatible server (`http(s)://host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Whether a plain-HTTP endpoint is allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_http: Option<bool>,
+    /// Access key id of static credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (relative to the receiver directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+impl S3Config {
+    fn check(&self) -> Result<(), String> {
+        if let Some(e) = &self.endpoint {
+            let rest = e
+                .strip_prefix("https://")
+                .or_else(|| e.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    format!("[s3] endpoint = {e:?}: expected http://host:port or https://host")
+                })?;
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(format!("[s3] endpoint = {e:?} has no host"));
+            }
+        }
+        if let Some(r) = &self.region {
+            if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(format!("[s3] region = {r:?}: expected e.g. \"eu-west-1\""));
+            }
+        }
+        match (&self.access_key_id, &self.secret_access_key_file) {
+            (Some(id), Some(_)) if id.trim().is_empty() => {
+                Err("[s3] access_key_id is empty".to_string())
+            }
+            (Some(_), None) => Err(
+                "[s3] access_key_id needs secret_access_key_file (a file holding the secret key)"
+                    .to_string(),
+            ),
+            (None, Some(_)) => Err("[s3] secret_access_key_file needs access_key_id".to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The store settings, reading the secret key file (relative to `dir`).
+    pub fn settings(&self, dir: &Path) -> Result<S3Settings, ConfigError> {
+        let credentials = match (&self.access_key_id, &self.secret_access_key_file) {
+            (Some(id), Some(file)) => {
+                let path = dir.join(file);
+                let text = fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let secret = text.trim();
+                if secret.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        reason: "the secret access key file is empty".to_string(),
+                    });
+                }
+                Some(S3Credentials {
+                    access_key_id: id.trim().to_string(),
+                    secret_access_key: secret.to_string(),
+                })
+            }
+            _ => None,
+        };
+        Ok(S3Settings {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            allow_http: self.allow_http,
+            credentials,
+        })
+    }
+}
+
 /// The parsed `receiver.toml` (see the module documentation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ReceiverConfig {
@@ -140,6 +238,9 @@ pub struct ReceiverConfig {
     /// not starve the link to the store or the staging disk; `None`: no cap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pit_max_rate: Option<String>,
+    /// How to reach an `s3://` store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -158,6 +259,7 @@ struct RawConfig {
     store: Option<String>,
     pit_interval: Option<String>,
     pit_max_rate: Option<String>,
+    s3: Option<S3Config>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
 }
@@ -202,6 +304,7 @@ impl ReceiverConfig {
             store: None,
             pit_interval: None,
             pit_max_rate: None,
+            s3: None,
             volumes: Vec::new(),
         }
     }
@@ -245,6 +348,7 @@ impl ReceiverConfig {
             store: raw.store,
             pit_interval: raw.pit_interval,
             pit_max_rate: raw.pit_max_rate,
+            s3: raw.s3,
             volumes: raw.volumes,
         };
         config.check().map_err(ParseError::Invalid)?;
@@ -292,6 +396,22 @@ impl ReceiverConfig {
         }
         if let Some(store) = &self.store {
             crate::store::StoreUrl::parse(store).map_err(|e| format!("store = {store:?}: {e}"))?;
+        }
+        if let Some(s3) = &self.s3 {
+            s3.check()?;
+            let is_s3 = self
+                .store
+                .as_deref()
+                .is_some_and(|s| s.starts_with("s3://"));
+            if !is_s3 {
+                return Err(format!(
+                    "[s3] is set but the PIT store is {}: set store = \"s3://bucket/prefix\" or remove [s3]",
+                    match &self.store {
+                        Some(s) => format!("{s:?}"),
+                        None => "the local default (D/store)".to_string(),
+                    }
+                ));
+            }
         }
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();
@@ -391,6 +511,30 @@ impl ReceiverConfig {
             }
         };
         crate::store::StoreUrl::parse(&text).map_err(|e| e.to_string())
+    }
+
+    /// Opens the PIT store this file names ([`Self::store_url`]), with its
+    /// `[s3]` settings. Every command that reads or writes PITs opens the
+    /// store here.
+    pub fn open_store(&self, dir: &Path) -> Result<Store, ConfigError> {
+        let url = self.store_url(dir).map_err(|reason| ConfigError::Invalid {
+            path: Self::path(dir),
+            reason,
+        })?;
+        self.open_store_at(dir, &url)
+    }
+
+    /// Opens the store at `url` (e.g. a `--store` flag) with this file's
+    /// `[s3]` settings if it is an S3 store; a local store ignores them.
+    pub fn open_store_at(&self, dir: &Path, url: &StoreUrl) -> Result<Store, ConfigError> {
+        let settings = match (url, &self.s3) {
+            (StoreUrl::S3 { .. }, Some(s3)) => s3.settings(dir)?,
+            _ => S3Settings::default(),
+        };
+        Store::open(url, &settings).map_err(|e| ConfigError::Invalid {
+            path: Self::path(dir),
+            reason: format!("cannot open the PIT store: {e}"),
+        })
     }
 }
 
@@ -570,6 +714,99 @@ mod tests {
         match ReceiverConfig::from_toml(&format!("{listen}store = \"relative/path\"\n")) {
             Err(ParseError::Invalid(reason)) => assert!(reason.contains("store"), "{reason}"),
             _ => panic!("a relative store must be rejected"),
+        }
+    }
+
+    #[test]
+    fn s3_table_parses_round_trips_and_reads_the_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "listen = \"127.0.0.1:7443\"\nstore = \"s3://dr-bucket/prod\"\n\
+                    [s3]\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"\n\
+                    allow_http = true\naccess_key_id = \"AKID\"\n\
+                    secret_access_key_file = \"s3.secret\"\n";
+        write(dir.path(), text);
+        let c = ReceiverConfig::load(dir.path()).unwrap();
+        let s3 = c.s3.clone().expect("[s3]");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(s3.allow_http, Some(true));
+        assert_eq!(
+            ReceiverConfig::from_toml(&c.to_toml()).ok(),
+            Some(c.clone())
+        );
+
+        // The secret file is read relative to D, trimmed; missing is an error naming it.
+        let e = s3.settings(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains("s3.secret"), "{e}");
+        fs::write(dir.path().join("s3.secret"), "  s3cr3t\n").unwrap();
+        let settings = s3.settings(dir.path()).unwrap();
+        let creds = settings.credentials.clone().expect("credentials");
+        assert_eq!(creds.access_key_id, "AKID");
+        assert_eq!(creds.secret_access_key, "s3cr3t");
+        assert!(
+            !format!("{settings:?}").contains("s3cr3t"),
+            "Debug shows the secret"
+        );
+        fs::write(dir.path().join("s3.secret"), "\n").unwrap();
+        let e = s3.settings(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+
+        // Opens without network IO; a local --store ignores [s3].
+        fs::write(dir.path().join("s3.secret"), "s3cr3t").unwrap();
+        let store = c.open_store(dir.path()).unwrap();
+        assert_eq!(store.url(), "s3://dr-bucket/prod");
+        assert_eq!(store.via(), " (endpoint http://127.0.0.1:9000)");
+        let local = StoreUrl::parse(&dir.path().join("pits").display().to_string()).unwrap();
+        let store = c.open_store_at(dir.path(), &local).unwrap();
+        assert!(store.url().starts_with("file://"), "{}", store.url());
+        assert_eq!(store.via(), "");
+    }
+
+    #[test]
+    fn s3_table_errors_name_the_key() {
+        let s3_store = "listen = \"127.0.0.1:7443\"\nstore = \"s3://dr-bucket/prod\"\n";
+        // Unknown keys, including an inline secret.
+        for key in ["secret_access_key", "endpiont"] {
+            match ReceiverConfig::from_toml(&format!("{s3_store}[s3]\n{key} = \"x\"\n")) {
+                Err(ParseError::Syntax(m)) => assert!(m.contains(key), "{m}"),
+                _ => panic!("[s3] {key} must be rejected"),
+            }
+        }
+        for (text, needle) in [
+            (
+                "listen = \"127.0.0.1:7443\"\n[s3]\nregion = \"eu-west-1\"\n".to_string(),
+                "local default",
+            ),
+            (
+                "listen = \"127.0.0.1:7443\"\nstore = \"file:///srv/x\"\n[s3]\n".to_string(),
+                "file:///srv/x",
+            ),
+            (
+                format!("{s3_store}[s3]\nendpoint = \"127.0.0.1:9000\"\n"),
+                "endpoint",
+            ),
+            (
+                format!("{s3_store}[s3]\nendpoint = \"http://\"\n"),
+                "no host",
+            ),
+            (format!("{s3_store}[s3]\nregion = \"eu west\"\n"), "region"),
+            (
+                format!("{s3_store}[s3]\naccess_key_id = \"AKID\"\n"),
+                "secret_access_key_file",
+            ),
+            (
+                format!("{s3_store}[s3]\nsecret_access_key_file = \"f\"\n"),
+                "access_key_id",
+            ),
+        ] {
+            match ReceiverConfig::from_toml(&text) {
+                Err(ParseError::Invalid(reason)) => {
+                    assert!(reason.contains("[s3]"), "{text}: {reason}");
+                    assert!(reason.contains(needle), "{text}: {reason}");
+                }
+                _ => panic!("{text}: must be rejected"),
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use lifeboat_protocol::{Bundle, ServerName, VolumeName};
 use lifeboat_receiver::config::{split_host_port, ConfigError, ReceiverConfig};
 use lifeboat_receiver::fsutil;
 use lifeboat_receiver::pki::Pki;
-use lifeboat_receiver::store::{S3Settings, Store, StoreUrl};
+use lifeboat_receiver::store::{Store, StoreUrl};
 use lifeboat_receiver::{launch, pit};
 
 /// Lifeboat receiver: accepts block-level replication from Lifeboat agents into
@@ -375,24 +375,23 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
 
 /// Opens the store named by `--store`, else receiver.toml's `store`, else
 /// `DIR/store` (also when DIR has no receiver.toml: a recovery region may
-/// hold only the store).
+/// hold only the store), with receiver.toml's `[s3]` settings. Every command
+/// that reads the store opens it here.
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    let config = match ReceiverConfig::load(&args.dir) {
+        Ok(c) => c,
+        Err(ConfigError::Missing { .. }) => {
+            ReceiverConfig::new(SocketAddr::from(([127, 0, 0, 1], 7443)))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let url = match &args.store {
         Some(s) => StoreUrl::parse(s).context("--store")?,
-        None => {
-            let config = match ReceiverConfig::load(&args.dir) {
-                Ok(c) => c,
-                Err(ConfigError::Missing { .. }) => {
-                    ReceiverConfig::new(SocketAddr::from(([127, 0, 0, 1], 7443)))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            config
-                .store_url(&args.dir)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-        }
+        None => config
+            .store_url(&args.dir)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
     };
-    Ok(Store::open(&url, &S3Settings::default())?)
+    Ok(config.open_store_at(&args.dir, &url)?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

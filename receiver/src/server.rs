@@ -129,12 +129,8 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     // Scripts and tests read the bound port from this line.
     println!("listening on {local}");
 
-    let store_url = config
-        .store_url(dir)
-        .map_err(|e| anyhow::anyhow!("PIT store of {}: {e}", dir.display()))?;
-    let store = crate::store::Store::open(&store_url, &crate::store::S3Settings::default())
-        .with_context(|| format!("cannot open the PIT store {store_url:?}"))?;
-    info!(store = %store.url(), pit_interval = ?config.pit_interval(), "PIT store");
+    let store = config.open_store(dir)?;
+    info!(store = %store.url(), via = store.via(), pit_interval = ?config.pit_interval(), "PIT store");
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,

@@ -13,11 +13,38 @@
 //!   Writes are fsynced (file and parent directory) before they return, matching
 //!   the durability an S3 `PUT` promises. The path is taken literally (no
 //!   percent-decoding).
-//! - `s3://bucket/prefix`: credentials, region and endpoint from the usual AWS
-//!   environment variables ([`AmazonS3Builder::from_env`]); [`S3Settings`]
-//!   (from `receiver.toml` or flags) overrides endpoint, region and plain-HTTP.
-//!   Setting an endpoint also selects path-style requests, which S3-compatible
-//!   servers (MinIO, s3s-fs, Ceph) expect.
+//! - `s3://bucket/prefix`: AWS S3 or an S3-compatible server (see below).
+//!
+//! ## S3 settings, in order of precedence
+//! 1. [`S3Settings`], from `receiver.toml`'s `[s3]` table: endpoint, region,
+//!    plain HTTP, static credentials.
+//! 2. The `AWS_*` environment variables that [`AmazonS3Builder::from_env`]
+//!    knows: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+//!    `AWS_REGION` / `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL(_S3)`,
+//!    `AWS_ALLOW_HTTP`, web identity and container credentials, and the HTTP
+//!    client's keys (`AWS_TIMEOUT`, `AWS_CONNECT_TIMEOUT`, `AWS_PROXY_URL`).
+//!    Without credentials from either, object_store asks the EC2 instance
+//!    metadata service. Shared profiles (`AWS_PROFILE`, `~/.aws/credentials`)
+//!    are *not* read: object_store 0.14 has no profile provider.
+//! 3. Lifeboat's defaults: connect timeout [`S3_CONNECT_TIMEOUT`], request
+//!    timeout [`S3_REQUEST_TIMEOUT`], at most [`S3_MAX_RETRIES`] retries within
+//!    [`S3_RETRY_TIMEOUT`], so a dead endpoint fails in seconds instead of the
+//!    minutes object_store's defaults allow.
+//!
+//! Setting an endpoint selects path-style requests, which S3-compatible servers
+//! (MinIO, s3s-fs, Ceph) expect, and defaults the region to `us-east-1`.
+//! Without an endpoint (AWS itself) a region is required. An `http://`
+//! endpoint needs `allow_http`, so credentials never go out unencrypted by
+//! accident. Errors from the server name the store and the endpoint.
+//!
+//! Create-only writes are S3 conditional puts (`If-None-Match: *`), pinned on
+//! whatever `AWS_CONDITIONAL_PUT` says. AWS S3 honours them (since 2024), as do
+//! MinIO, Cloudflare R2 and s3s-fs (whose check is not atomic with its write:
+//! two *concurrent* creates of one key can both succeed there). A server that
+//! ignored the header would make create-only writes plain overwrites; Lifeboat
+//! stays correct anyway, because chunk keys are content addresses (an
+//! overwrite stores the same bytes) and manifest keys carry a PIT id with 50
+//! random bits (two receivers never pick the same key).
 //!
 //! ## Key layout
 //! ```text
@@ -76,11 +103,12 @@ use futures::TryStreamExt;
 use lifeboat_protocol::block::{BlockDecoder, BlockEncoder, Encoding};
 use lifeboat_protocol::names::NameError;
 use lifeboat_protocol::{BlockHash, ServerName, VolumeName};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, GetRange, ObjectStore,
+    ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, StaticCredentialProvider,
 };
 
 /// Length of a chunk object's header (encoding byte + raw length).
@@ -92,6 +120,23 @@ pub const CHUNKS_DIR: &str = "chunks";
 pub const PITS_DIR: &str = "pits";
 /// Suffix of manifest keys.
 pub const MANIFEST_SUFFIX: &str = ".manifest";
+
+/// How long an S3 connection may take to establish (`AWS_CONNECT_TIMEOUT`
+/// overrides it).
+pub const S3_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one S3 request may take in all (`AWS_TIMEOUT` overrides it).
+/// Generous: a full manifest is one PUT of up to 1.3 GiB.
+pub const S3_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Most retries of one S3 request (server errors, throttling, connection
+/// failures; timeouts only for reads).
+pub const S3_MAX_RETRIES: usize = 5;
+/// No S3 retry starts later than this after the first attempt.
+pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The region of an S3-compatible endpoint that names none.
+pub const DEFAULT_ENDPOINT_REGION: &str = "us-east-1";
+/// How often a create refused as a conflict, with no object there afterwards,
+/// is tried again (see [`Store::put_if_absent`]).
+pub const CREATE_CONFLICT_RETRIES: u32 = 3;
 
 /// Errors of the snapshot store.
 #[derive(Debug, thiserror::Error)]
@@ -175,18 +220,37 @@ pub enum StoreError {
         /// The caller's limit.
         max: usize,
     },
+    /// S3 answered a create-only write with a conflict, yet no object was
+    /// there afterwards (a concurrent write or delete of the key), every time.
+    #[error("store {url}{via}: object {key}: the create-only write kept conflicting with another write or delete of it, and no object is there")]
+    Conflict {
+        /// The store's URL.
+        url: String,
+        /// Where the store is reached, for messages (see [`Store::via`]).
+        via: String,
+        /// The key.
+        key: String,
+    },
     /// The object store failed.
-    #[error("store {url}: {op} {key}: {source}")]
+    #[error("store {url}{via}: {op} {key}: {detail}")]
     Backend {
         /// The store's URL.
         url: String,
+        /// Where the store is reached, for messages (see [`Store::via`]).
+        via: String,
         /// What was attempted ("put", "get", "list", ...).
         op: &'static str,
         /// The key or prefix involved.
         key: String,
-        /// The object store's error (boxed: it is large, and rare).
-        #[source]
-        source: Box<object_store::Error>,
+        /// What to check, for failures with a usual cause (denied access, no
+        /// connection), then the object store's error and its causes, each
+        /// said once (see [`describe_backend_error`]).
+        detail: String,
+        /// The object store's error (boxed: it is large, and rare). Not a
+        /// `#[source]`: `detail` already says all of it, and object_store's
+        /// messages repeat their causes, so a printed chain would say it five
+        /// times.
+        error: Box<object_store::Error>,
     },
 }
 
@@ -287,17 +351,125 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
-/// Overrides for an S3 store; anything unset comes from the AWS environment
-/// variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
+/// Settings of an S3 store that override the AWS environment (see the module
+/// documentation for the precedence); `Default` leaves everything to it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct S3Settings {
     /// Endpoint of an S3-compatible server, e.g. `http://127.0.0.1:9000`; also
-    /// selects path-style requests.
+    /// selects path-style requests and defaults the region to
+    /// [`DEFAULT_ENDPOINT_REGION`].
     pub endpoint: Option<String>,
     /// Region, e.g. `eu-west-1`.
     pub region: Option<String>,
-    /// Allow plain HTTP (test servers); otherwise the environment decides.
-    pub allow_http: bool,
+    /// Whether plain HTTP is allowed; `None` leaves it to `AWS_ALLOW_HTTP`.
+    pub allow_http: Option<bool>,
+    /// Static credentials; `None` takes them from the environment.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// A static S3 access key; `Debug` does not show the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    /// The access key id.
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret_access_key: String,
+}
+
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Builds the S3 client of `bucket`: Lifeboat's timeouts and retries, then the
+/// `AWS_*` environment, then `s3`. Returns the builder and the endpoint it
+/// will use, for messages.
+fn s3_builder(
+    bucket: &str,
+    s3: &S3Settings,
+) -> std::result::Result<(AmazonS3Builder, String), String> {
+    let client = ClientOptions::new()
+        .with_connect_timeout(S3_CONNECT_TIMEOUT)
+        .with_timeout(S3_REQUEST_TIMEOUT);
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: S3_MAX_RETRIES,
+        retry_timeout: S3_RETRY_TIMEOUT,
+    };
+    let mut b = AmazonS3Builder::new()
+        .with_client_options(client)
+        .with_retry(retry);
+    // What `AmazonS3Builder::from_env` does, applied over our defaults rather
+    // than instead of them.
+    for (key, value) in std::env::vars_os() {
+        let (Some(key), Some(value)) = (key.to_str(), value.to_str()) else {
+            continue;
+        };
+        if !key.starts_with("AWS_") {
+            continue;
+        }
+        if let Ok(key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            b = b.with_config(key, value);
+        }
+    }
+    b = b
+        .with_bucket_name(bucket)
+        .with_conditional_put(S3ConditionalPut::ETagMatch);
+    if let Some(endpoint) = &s3.endpoint {
+        // AWS_ENDPOINT_URL_S3 would win over a plain endpoint: set both.
+        b = b
+            .with_endpoint(endpoint)
+            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint)
+            .with_virtual_hosted_style_request(false);
+    }
+    if let Some(region) = &s3.region {
+        b = b.with_region(region);
+    }
+    if let Some(allow) = s3.allow_http {
+        b = b.with_allow_http(allow);
+    }
+    if let Some(c) = &s3.credentials {
+        // Static keys from receiver.toml: no session token from the
+        // environment may be mixed in.
+        b = b.with_credentials(Arc::new(StaticCredentialProvider::new(AwsCredential {
+            key_id: c.access_key_id.clone(),
+            secret_key: c.secret_access_key.clone(),
+            token: None,
+        })));
+    }
+    let endpoint = b
+        .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    let region = b.get_config_value(&AmazonS3ConfigKey::Region);
+    let endpoint = match (endpoint, region) {
+        (Some(endpoint), None) => {
+            b = b.with_region(DEFAULT_ENDPOINT_REGION);
+            endpoint
+        }
+        (Some(endpoint), Some(_)) => endpoint,
+        (None, Some(region)) => format!("https://s3.{region}.amazonaws.com"),
+        (None, None) => {
+            return Err(
+                "no region: set `region` in receiver.toml's [s3] table, or AWS_REGION \
+                 (an S3-compatible endpoint defaults to us-east-1)"
+                    .to_string(),
+            )
+        }
+    };
+    let http_allowed = b
+        .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if endpoint.starts_with("http://") && !http_allowed {
+        return Err(format!(
+            "endpoint {endpoint} is plain HTTP: set `allow_http = true` in [s3] (or \
+             AWS_ALLOW_HTTP=true) to send data and signed requests unencrypted"
+        ));
+    }
+    Ok((b, endpoint))
 }
 
 /// What a create-only write found.
@@ -326,6 +498,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// `" (endpoint …)"` for a remote store, empty for a local one.
+    via: String,
 }
 
 thread_local! {
@@ -358,25 +532,12 @@ impl Store {
                 ))
             }
             StoreUrl::S3 { bucket, prefix } => {
-                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-                if let Some(endpoint) = &s3.endpoint {
-                    b = b
-                        .with_endpoint(endpoint)
-                        .with_virtual_hosted_style_request(false);
-                }
-                if let Some(region) = &s3.region {
-                    b = b.with_region(region);
-                }
-                if s3.allow_http {
-                    b = b.with_allow_http(true);
-                }
+                let (b, endpoint) = s3_builder(bucket, s3).map_err(&bad)?;
                 let s3store = b.build().map_err(|e| bad(e.to_string()))?;
                 let prefix = Path::parse(prefix).map_err(|e| bad(e.to_string()))?;
-                Ok(Store::from_object_store(
-                    Arc::new(s3store),
-                    prefix,
-                    shown.clone(),
-                ))
+                let mut store = Store::from_object_store(Arc::new(s3store), prefix, shown.clone());
+                store.via = format!(" (endpoint {endpoint})");
+                Ok(store)
             }
         }
     }
@@ -384,12 +545,23 @@ impl Store {
     /// Wraps any object store (tests use `object_store::memory::InMemory`);
     /// `url` only names the store in errors.
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: Path, url: String) -> Store {
-        Store { inner, prefix, url }
+        Store {
+            inner,
+            prefix,
+            url,
+            via: String::new(),
+        }
     }
 
     /// The store's URL, for messages.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where the store is reached, as errors show it: `" (endpoint URL)"`
+    /// for S3, empty for a local directory.
+    pub fn via(&self) -> &str {
+        &self.via
     }
 
     fn location(&self, key: &str) -> Result<Path> {
@@ -414,35 +586,80 @@ impl Store {
                 url: self.url.clone(),
                 key: key.to_string(),
             },
-            source => StoreError::Backend {
-                url: self.url.clone(),
-                op,
-                key: key.to_string(),
-                source: Box::new(source),
-            },
+            error => {
+                let detail = describe_backend_error(&error);
+                let denied = matches!(
+                    error,
+                    object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) || detail.contains(" 403 Forbidden")
+                    || detail.contains(" 401 Unauthorized");
+                let unreachable = detail.contains("(Connect)") || detail.contains("connect error");
+                let hint = if denied {
+                    "access denied: check the credentials ([s3] in receiver.toml, or \
+                     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and their rights on the bucket; "
+                } else if unreachable {
+                    "cannot connect to the endpoint; "
+                } else {
+                    ""
+                };
+                StoreError::Backend {
+                    url: self.url.clone(),
+                    via: self.via.clone(),
+                    op,
+                    key: key.to_string(),
+                    detail: format!("{hint}{detail}"),
+                    error: Box::new(error),
+                }
+            }
         }
     }
 
     async fn put_create(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
         let loc = self.location(key)?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match self
-            .inner
-            .put_opts(&loc, PutPayload::from(data), opts)
-            .await
-        {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::AlreadyExists),
-            Err(e) => Err(self.backend("put", key, e)),
+        let mut attempt = 0;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            match self
+                .inner
+                .put_opts(&loc, PutPayload::from(data.clone()), opts)
+                .await
+            {
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(self.backend("put", key, e)),
+            }
+            // object_store also reports S3's 409 Conflict as AlreadyExists, and
+            // S3 answers a conditional put with 409 when a write or delete of
+            // the key is in flight: the object may well be absent. Only an
+            // object we can see counts as existing.
+            match self.inner.head(&loc).await {
+                Ok(_) => return Ok(PutOutcome::AlreadyExists),
+                Err(object_store::Error::NotFound { .. }) if attempt < CREATE_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(StoreError::Conflict {
+                        url: self.url.clone(),
+                        via: self.via.clone(),
+                        key: key.to_string(),
+                    })
+                }
+                Err(e) => return Err(self.backend("head", key, e)),
+            }
         }
     }
 
     /// Writes `data` at `key` unless an object is already there; an existing
     /// object is left untouched and reported, not treated as an error (for
-    /// content-addressed chunks, stored once).
+    /// content-addressed chunks, stored once). "Already there" is confirmed by
+    /// reading the object's metadata: S3 also refuses a create with a conflict
+    /// while another write or delete of the key is in flight, and then the
+    /// create is tried again (at most [`CREATE_CONFLICT_RETRIES`] times).
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
         self.put_create(key, data).await
     }
@@ -594,6 +811,23 @@ impl Store {
             reason,
         })
     }
+}
+
+/// An object store error and its chain of causes as one line, each message
+/// once: object_store's messages embed some of their causes and not others
+/// (the deepest, e.g. "Connection refused", only shows in the chain).
+pub fn describe_backend_error(error: &object_store::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// The key of the chunk holding the block with `digest`:
@@ -792,10 +1026,53 @@ mod tests {
         let s3 = S3Settings {
             endpoint: Some("http://127.0.0.1:9".into()),
             region: Some("us-east-1".into()),
-            allow_http: true,
+            allow_http: Some(true),
+            credentials: None,
         };
         let store = Store::open(&url, &s3).expect("open");
         assert_eq!(store.url(), "s3://lifeboat-test/prefix");
+    }
+
+    #[tokio::test]
+    async fn s3_settings_are_checked_at_open() {
+        let url = StoreUrl::parse("s3://lifeboat-test/prefix").expect("url");
+        // A plain-HTTP endpoint needs allow_http.
+        let s3 = S3Settings {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            allow_http: Some(false),
+            ..S3Settings::default()
+        };
+        let err = Store::open(&url, &s3).expect_err("plain http").to_string();
+        assert!(
+            err.contains("allow_http") && err.contains("s3://lifeboat-test/prefix"),
+            "{err}"
+        );
+        // An endpoint defaults the region; the endpoint is named in errors.
+        let s3 = S3Settings {
+            endpoint: Some("https://objects.example:9000".into()),
+            ..S3Settings::default()
+        };
+        let store = Store::open(&url, &s3).expect("open");
+        assert_eq!(store.via(), " (endpoint https://objects.example:9000)");
+        // AWS itself needs a region (only checkable if the environment names none).
+        let env_names_one = std::env::vars().any(|(k, _)| {
+            k.starts_with("AWS_") && (k.contains("REGION") || k.contains("ENDPOINT"))
+        });
+        if !env_names_one {
+            let err = Store::open(&url, &S3Settings::default())
+                .expect_err("no region")
+                .to_string();
+            assert!(err.contains("region"), "{err}");
+            let s3 = S3Settings {
+                region: Some("eu-west-1".into()),
+                ..S3Settings::default()
+            };
+            let store = Store::open(&url, &s3).expect("open");
+            assert_eq!(
+                store.via(),
+                " (endpoint https://s3.eu-west-1.amazonaws.com)"
+            );
+        }
     }
 
     #[test]

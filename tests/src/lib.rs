@@ -187,13 +187,20 @@ impl Running {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Running::spawn_command(cmd)
+    }
+
+    /// Starts a prepared command (arguments, environment) with null stdin and
+    /// piped stdout and stderr.
+    pub fn spawn_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         let stdout = collect(child.stdout.take().expect("piped stdout"));
         let stderr = collect(child.stderr.take().expect("piped stderr"));
         Running {
@@ -351,6 +358,9 @@ pub struct Receiver {
     pub addr: String,
     log: PathBuf,
     child: Option<Child>,
+    /// Environment of every receiver process the fixture starts (see
+    /// [`Receiver::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Receiver {
@@ -406,6 +416,7 @@ impl Receiver {
             addr,
             log,
             child: None,
+            env: Vec::new(),
         }
     }
 
@@ -417,7 +428,9 @@ impl Receiver {
             .append(true)
             .open(&self.log)
             .expect("open the receiver log");
-        let mut child = Command::new(&binaries().receiver)
+        let mut cmd = Command::new(&binaries().receiver);
+        self.apply_env(&mut cmd);
+        let mut child = cmd
             .arg("serve")
             .arg("--dir")
             .arg(&self.dir)
@@ -454,6 +467,74 @@ impl Receiver {
             }
         }
         self.child = Some(child);
+    }
+
+    /// Sets `key=value` in the environment of every receiver process started
+    /// from now on (`serve` and [`Self::command`]), e.g. AWS credentials.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The receiver processes' environment: this process's, without any
+    /// `AWS_*` variable (the tests must not reach whatever S3 the developer's
+    /// shell points at), plus [`Self::set_env`]'s.
+    fn apply_env(&self, cmd: &mut Command) {
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AWS_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+    }
+
+    /// Puts `text` at the top of `receiver.toml` (before `serve`): the place
+    /// for top-level keys, which would land in a table if appended.
+    pub fn prepend_config(&self, text: &str) {
+        let path = self.dir.join("receiver.toml");
+        let old = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        std::fs::write(&path, format!("{text}{old}"))
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Appends `text` to `receiver.toml` (before `serve`): the place for tables.
+    pub fn append_config(&self, text: &str) {
+        let path = self.dir.join("receiver.toml");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        f.write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+    }
+
+    /// Runs `lifeboat-receiver <args[0]> --dir DIR <args[1..]>` to completion
+    /// (at most 120 s) with the fixture's environment.
+    pub fn command(&self, args: &[&str]) -> Outcome {
+        let mut cmd = Command::new(&binaries().receiver);
+        self.apply_env(&mut cmd);
+        cmd.arg(args[0])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&args[1..]);
+        Running::spawn_command(cmd).wait(Duration::from_secs(120))
+    }
+
+    /// `pits --json` of [`SERVER`]'s volume `volume`, parsed; panics if it fails.
+    pub fn pits_json(&self, volume: &str) -> Vec<serde_json::Value> {
+        let out = self.command(&["pits", "--server", SERVER, "--volume", volume, "--json"]);
+        assert!(out.status.success(), "pits failed: {}", out.stderr);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", out.stdout))
+    }
+
+    /// `launch --at AT --out OUT` of [`SERVER`]'s volume `volume`.
+    pub fn launch(&self, volume: &str, at: &str, out: &Path) -> Outcome {
+        let out = out.to_str().expect("utf-8 path");
+        self.command(&[
+            "launch", "--server", SERVER, "--volume", volume, "--at", at, "--out", out,
+        ])
     }
 
     /// SIGKILLs the receiver (`kill -9`) and reaps it.
@@ -846,4 +927,344 @@ pub fn skip(name: &str, reason: &str) {
     {
         let _ = writeln!(f, "{line}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// S3: an s3s-fs server, and PIT stores on it.
+
+/// Set to `1` to skip the S3 tests where `s3s-fs` is not installed (they fail
+/// otherwise: CI installs it, and a silent skip would hide breakage).
+pub const SKIP_S3_ENV: &str = "LIFEBOAT_SKIP_S3";
+
+/// How CI installs `s3s-fs`, and how a developer can.
+pub const S3S_FS_INSTALL: &str = "cargo install s3s-fs@0.14.1 --features binary --locked";
+
+/// How long `s3s-fs` may take to accept connections.
+pub const S3_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `s3s-fs` binary: the first on `PATH`, else in `$CARGO_HOME/bin` or
+/// `~/.cargo/bin`.
+pub fn s3s_fs_binary() -> Result<PathBuf, String> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo").join("bin"));
+    }
+    dirs.iter()
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| "s3s-fs is neither on PATH nor in ~/.cargo/bin".to_string())
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP socket on 127.0.0.1");
+    l.local_addr().expect("local addr").port()
+}
+
+/// An `s3s-fs` server on 127.0.0.1 serving a temporary root directory, with
+/// one bucket and one access key. `s3s-fs` keeps a bucket as a directory under
+/// the root and an object as a file at `<root>/<bucket>/<key>`, so tests can
+/// read and damage objects directly. Dropping it kills the process.
+#[derive(Debug)]
+pub struct S3Server {
+    /// Keeps the root alive.
+    pub tmp: tempfile::TempDir,
+    /// The server's root directory.
+    pub root: PathBuf,
+    /// The bucket the fixture created.
+    pub bucket: String,
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// The access key id the server accepts.
+    pub access_key: String,
+    /// Its secret key.
+    pub secret_key: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl S3Server {
+    /// Starts `s3s-fs` for test `test`. Without the binary it panics, naming
+    /// the install command, unless [`SKIP_S3_ENV`] is `1`: then the skip is
+    /// recorded with [`skip`] and `None` returned.
+    pub fn start(test: &str) -> Option<S3Server> {
+        let bin = match s3s_fs_binary() {
+            Ok(bin) => bin,
+            Err(why) if std::env::var(SKIP_S3_ENV).as_deref() == Ok("1") => {
+                skip(test, &format!("{why} ({SKIP_S3_ENV}=1)"));
+                return None;
+            }
+            Err(why) => panic!(
+                "{why}: install it with `{S3S_FS_INSTALL}` (CI does), \
+                 or set {SKIP_S3_ENV}=1 to skip the S3 tests"
+            ),
+        };
+        let tmp = tempfile::tempdir().expect("create a temp dir");
+        let root = tmp.path().join("s3-root");
+        let bucket = "lifeboat-test".to_string();
+        std::fs::create_dir_all(root.join(&bucket)).expect("create the bucket directory");
+        let log = tmp.path().join("s3s-fs.log");
+        let (access_key, secret_key) = ("lifeboat-test-key", "lifeboat-test-secret");
+        // A port picked here may be taken before s3s-fs binds it: try again.
+        for _ in 0..3 {
+            let port = free_tcp_port();
+            let out = File::create(&log).expect("create the s3s-fs log");
+            let err = out.try_clone().expect("clone the log handle");
+            let mut child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", access_key, "--secret-key", secret_key])
+                .arg(&root)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut exited = false;
+            let up = poll(S3_START_TIMEOUT, || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited
+                    || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                        .is_ok()
+            });
+            if up && !exited {
+                return Some(S3Server {
+                    tmp,
+                    root,
+                    bucket,
+                    endpoint: format!("http://{addr}"),
+                    access_key: access_key.to_string(),
+                    secret_key: secret_key.to_string(),
+                    log,
+                    child,
+                });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !exited {
+                panic!("s3s-fs did not accept connections on {addr} within {S3_START_TIMEOUT:?}; log:\n{text}");
+            }
+            println!("s3s-fs exited at start on port {port}, trying another; log:\n{text}");
+        }
+        panic!(
+            "s3s-fs exited at start three times; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// `s3://<bucket>/<prefix>`.
+    pub fn store_url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// The file holding the object at `key` (with any prefix) of the bucket.
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        key.split('/')
+            .fold(self.root.join(&self.bucket), |p, seg| p.join(seg))
+    }
+
+    /// The server's credentials as the AWS environment variables.
+    pub fn credential_env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("AWS_ACCESS_KEY_ID", self.access_key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.as_str()),
+        ]
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the receiver of an end-to-end test keeps its PITs.
+#[derive(Debug, Clone, Copy)]
+pub enum PitStore<'a> {
+    /// The default local store, `D/store`.
+    Local,
+    /// A bucket of an [`S3Server`], under `prefix`: `store` and `[s3]`
+    /// (endpoint, plain HTTP, no region) in receiver.toml, credentials in the
+    /// AWS environment variables of every receiver process.
+    S3 {
+        /// The server.
+        server: &'a S3Server,
+        /// The key prefix.
+        prefix: &'a str,
+    },
+}
+
+impl PitStore<'_> {
+    /// Points a receiver made by [`Receiver::init_only`] at this store.
+    pub fn configure(&self, rx: &mut Receiver) {
+        let PitStore::S3 { server, prefix } = *self else {
+            return;
+        };
+        rx.prepend_config(&format!("store = {:?}\n", server.store_url(prefix)));
+        rx.append_config(&format!(
+            "\n[s3]\nendpoint = {:?}\nallow_http = true\n",
+            server.endpoint
+        ));
+        for (key, value) in server.credential_env() {
+            rx.set_env(key, value);
+        }
+    }
+
+    /// The directory whose files are the store's chunks.
+    pub fn chunks_dir(&self, rx: &Receiver) -> PathBuf {
+        match *self {
+            PitStore::Local => rx.dir.join("store").join("chunks"),
+            PitStore::S3 { server, prefix } => server.object_path(&format!("{prefix}/chunks")),
+        }
+    }
+}
+
+/// Every file under `dir`, sorted (none if it does not exist).
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The PIT scenario, on any store: content A synced with `--pit --pit-label`;
+/// content B (7 blocks changed) synced with `--pit`; `pits` lists both,
+/// oldest first, with the ids, epochs and label `sync` printed; launching the
+/// first gives exactly A, `--at latest` exactly B; a non-empty target needs
+/// `--force`; a time before the first PIT is an error naming it; a corrupt
+/// chunk fails the launch naming a block and leaves nothing at `--out`.
+pub fn pits_are_taken_listed_and_launched_exactly(store: PitStore<'_>) {
+    // The default schedule (every 10 minutes) is in force too: the first
+    // durable epoch of a volume is due for one, and the PIT asked for with
+    // --pit stands in for it, so there are exactly the two asked for.
+    let mut rx = Receiver::init_only();
+    store.configure(&mut rx);
+    rx.serve();
+
+    // Content A, synced with --pit: a PIT at its epoch, labelled.
+    let mut image = write_mixed_image(&rx.image_path("pit"), 96, BLOCK, 0x9172);
+    let state = rx.agent_state("p");
+    let a_copy = rx.tmp.path().join("A.img");
+    let a = run_sync(
+        &rx.bundle,
+        &image.path,
+        "data",
+        &state,
+        &["--pit", "--pit-label", "content A"],
+    )
+    .json();
+    std::fs::copy(&image.path, &a_copy).expect("keep a copy of A");
+
+    // Content B: a second, incremental PIT.
+    let changed = change_blocks(&mut image, 7, 0xb);
+    assert_eq!(changed.len(), 7);
+    let b = run_sync(&rx.bundle, &image.path, "data", &state, &["--pit"]).json();
+
+    let list = rx.pits_json("data");
+    assert_eq!(list.len(), 2, "{list:?}\nreceiver log:\n{}", rx.log());
+    // What sync printed is what the store holds.
+    assert_eq!(a["pit"]["id"], list[0]["id"], "{a}");
+    assert_eq!(a["pit"]["label"], "content A", "{a}");
+    assert_eq!(list[0]["label"], "content A", "{list:?}");
+    assert_eq!(a["pit"]["epoch"], list[0]["epoch"], "{a}");
+    assert_eq!(b["pit"]["id"], list[1]["id"], "{b}");
+    assert!(list[1]["label"].is_null(), "{list:?}");
+    assert!(
+        list[0]["epoch"].as_u64() < list[1]["epoch"].as_u64(),
+        "oldest first: {list:?}"
+    );
+    assert_eq!(list[1]["blocks_changed"].as_u64(), Some(7), "{list:?}");
+    for p in &list {
+        let t = p["time"].as_str().expect("time is a string");
+        assert!(t.contains('T') && t.ends_with('Z'), "time is RFC 3339: {t}");
+    }
+    let first = list[0]["id"].as_str().expect("id");
+
+    let out_a = rx.tmp.path().join("launched-a.img");
+    let o = rx.launch("data", first, &out_a);
+    assert!(
+        o.status.success(),
+        "launch of the first PIT failed: {}",
+        o.stderr
+    );
+    assert_identical(&a_copy, &out_a);
+
+    let out_b = rx.tmp.path().join("launched-b.img");
+    let o = rx.launch("data", "latest", &out_b);
+    assert!(
+        o.status.success(),
+        "launch --at latest failed: {}",
+        o.stderr
+    );
+    assert_identical(&image.path, &out_b);
+
+    // A launch target that exists is refused without --force.
+    let o = rx.launch("data", "latest", &out_b);
+    assert!(
+        !o.status.success(),
+        "overwrote a non-empty target without --force"
+    );
+
+    // A time before the first PIT names it.
+    let out_c = rx.tmp.path().join("launched-c.img");
+    let o = rx.launch("data", "2000-01-01T00:00:00Z", &out_c);
+    assert!(!o.status.success());
+    assert!(
+        o.stderr.contains("before the first PIT") && o.stderr.contains(first),
+        "{}",
+        o.stderr
+    );
+    assert!(!out_c.exists());
+
+    // A corrupt chunk: launch fails naming a block and leaves nothing behind.
+    // Every stored chunk gets a flipped byte, so whichever block the launch
+    // fetches first is found corrupt.
+    let chunks = store.chunks_dir(&rx);
+    let stored = walk_files(&chunks);
+    assert!(!stored.is_empty(), "no chunks under {}", chunks.display());
+    for victim in &stored {
+        let mut bytes = std::fs::read(victim).expect("read chunk");
+        let n = bytes.len();
+        bytes[n - 1] ^= 0x5a;
+        std::fs::write(victim, bytes).expect("corrupt chunk");
+    }
+    let out_d = rx.tmp.path().join("launched-d.img");
+    let o = rx.launch("data", first, &out_d);
+    assert!(!o.status.success(), "launch over a corrupt chunk succeeded");
+    assert!(
+        o.stderr.contains("block "),
+        "error does not name the block: {}",
+        o.stderr
+    );
+    assert!(
+        !out_d.exists(),
+        "a failed launch left {} behind",
+        out_d.display()
+    );
 }

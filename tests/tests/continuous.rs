@@ -1598,20 +1598,6 @@ fn clean_restart_continues_without_rescan() {
 // ---------------------------------------------------------------------------
 // PITs while replication goes on.
 
-fn pit_list(rx: &Receiver, volume: &str) -> Vec<serde_json::Value> {
-    let dir = rx.dir.to_str().expect("utf-8 path");
-    let out = run(
-        &binaries().receiver,
-        [
-            "pits", "--dir", dir, "--server", SERVER, "--volume", volume, "--json",
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "pits failed: {}", out.stderr);
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", out.stdout))
-}
-
 /// A PIT is written in the background while later epochs are applied: the
 /// staging volume moves on to later content before the PIT is in the store,
 /// and the PIT still launches exactly as the volume was at its epoch (the
@@ -1619,11 +1605,8 @@ fn pit_list(rx: &Receiver, volume: &str) -> Vec<serde_json::Value> {
 #[test]
 fn epochs_apply_while_a_pit_is_written() {
     let mut rx = Receiver::init_only();
-    let config = rx.dir.join("receiver.toml");
-    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
     // ~29 MiB of random blocks at 4 MiB/s: the PIT takes about 7 s.
-    text.push_str("pit_max_rate = \"4MiB/s\"\n");
-    std::fs::write(&config, text).expect("write receiver.toml");
+    rx.append_config("pit_max_rate = \"4MiB/s\"\n");
     rx.serve();
 
     let mut image = write_random_image(&rx.image_path("cow"), 512, BLOCK, 0xc0c0);
@@ -1663,14 +1646,14 @@ fn epochs_apply_while_a_pit_is_written() {
     );
     let moved_on = epoch_of(&v);
     assert!(
-        pit_list(&rx, "data").is_empty(),
+        rx.pits_json("data").is_empty(),
         "the PIT was complete before the later epoch was applied: nothing shows that epochs go on during a PIT"
     );
 
     // The PIT completes and holds A, not B.
     let mut list = Vec::new();
     let done = poll_every(Duration::from_millis(250), Duration::from_secs(90), || {
-        list = pit_list(&rx, "data");
+        list = rx.pits_json("data");
         !list.is_empty()
     });
     assert!(done, "no PIT within 90 s; receiver log:\n{}", rx.log());
@@ -1681,24 +1664,7 @@ fn epochs_apply_while_a_pit_is_written() {
         "PIT of epoch {pit_epoch}, taken before B (epoch {moved_on}): {list:?}"
     );
     let launched = rx.tmp.path().join("launched-a.img");
-    let dir = rx.dir.to_str().expect("utf-8 path");
-    let out = run(
-        &binaries().receiver,
-        [
-            "launch",
-            "--dir",
-            dir,
-            "--server",
-            SERVER,
-            "--volume",
-            "data",
-            "--at",
-            "latest",
-            "--out",
-            launched.to_str().expect("utf-8 path"),
-        ],
-        Duration::from_secs(60),
-    );
+    let out = rx.launch("data", "latest", &launched);
     assert!(out.status.success(), "launch failed: {}", out.stderr);
     println!(
         "epochs_apply_while_a_pit_is_written: {} blocks changed during the PIT of epoch {first_epoch}; staging at epoch {moved_on}",

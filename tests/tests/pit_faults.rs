@@ -5,58 +5,26 @@
 //! The PIT rate cap (`pit_max_rate` in receiver.toml) keeps a PIT in
 //! progress long enough to be interrupted, without a large volume.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::{
-    assert_identical, attach, binaries, loop_unavailable, poll, run, run_sync, skip,
-    write_random_image, Outcome, Receiver, Sync, BLOCK, SERVER,
+    assert_identical, attach, loop_unavailable, poll, run_sync, skip, write_random_image, Receiver,
+    Sync, BLOCK,
 };
 
 /// A receiver with `extra` appended to its receiver.toml, serving.
 fn receiver_with(extra: &str) -> Receiver {
     let mut rx = Receiver::init_only();
-    let config = rx.dir.join("receiver.toml");
-    let mut text = std::fs::read_to_string(&config).expect("read receiver.toml");
-    text.push_str(extra);
-    std::fs::write(&config, text).expect("write receiver.toml");
+    rx.append_config(extra);
     rx.serve();
     rx
 }
 
-fn receiver_cmd(rx: &Receiver, args: &[&str]) -> Outcome {
-    let mut all: Vec<&OsStr> = vec![OsStr::new(args[0]), OsStr::new("--dir"), rx.dir.as_os_str()];
-    all.extend(args[1..].iter().map(OsStr::new));
-    run(&binaries().receiver, all, Duration::from_secs(120))
-}
-
-fn pits(rx: &Receiver, volume: &str) -> Vec<serde_json::Value> {
-    let out = receiver_cmd(
-        rx,
-        &["pits", "--server", SERVER, "--volume", volume, "--json"],
-    );
-    assert!(out.status.success(), "pits failed: {}", out.stderr);
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", out.stdout))
-}
-
+/// `launch --at AT --out OUT`, which must succeed.
 fn launch(rx: &Receiver, volume: &str, at: &str, out: &Path) {
-    let o = receiver_cmd(
-        rx,
-        &[
-            "launch",
-            "--server",
-            SERVER,
-            "--volume",
-            volume,
-            "--at",
-            at,
-            "--out",
-            out.to_str().expect("utf-8 path"),
-        ],
-    );
+    let o = rx.launch(volume, at, out);
     assert!(o.status.success(), "launch --at {at} failed: {}", o.stderr);
 }
 
@@ -102,7 +70,7 @@ fn receiver_killed_mid_pit_leaves_no_partial_pit_and_the_next_succeeds() {
     );
     rx.kill9();
     // `pits` reads the store with no receiver running: nothing half-made.
-    assert!(pits(&rx, "data").is_empty(), "a partial PIT is listed");
+    assert!(rx.pits_json("data").is_empty(), "a partial PIT is listed");
 
     // The restarted receiver resets the old connection: the agent reports that
     // its data is durable but the PIT was not confirmed, and fails.
@@ -119,7 +87,7 @@ fn receiver_killed_mid_pit_leaves_no_partial_pit_and_the_next_succeeds() {
     // launches exactly.
     let again = run_sync(&rx.bundle, &image.path, "data", &state, &["--pit"]).json();
     assert_eq!(again["changed_blocks"], 0, "{again}");
-    let list = pits(&rx, "data");
+    let list = rx.pits_json("data");
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["id"], again["pit"]["id"], "{again}");
     let out = rx.tmp.path().join("launched.img");
