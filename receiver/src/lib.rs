@@ -8,6 +8,7 @@ pub mod pit;
 pub mod pitter;
 pub mod pki;
 pub mod replica;
+pub mod retention;
 pub mod server;
 pub mod staging;
 pub mod status;
