@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fsutil;
+pub mod gc;
 pub mod launch;
 pub mod pit;
 pub mod pitter;

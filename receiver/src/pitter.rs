@@ -56,6 +56,8 @@ pub fn take_pit(
 ) -> anyhow::Result<TakenPit> {
     use anyhow::Context;
     use futures::StreamExt;
+    // Held until this function returns: gc deletes no chunk this PIT may reuse.
+    let _lease = crate::gc::PitLease::acquire(rt, store, server, volume)?;
 
     // 1. The parent, resolved, before taking the lock (store reads only).
     let parent = rt.block_on(async {

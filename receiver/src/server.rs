@@ -119,6 +119,7 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     let store = crate::store::Store::open(&store_url, &crate::store::S3Settings::default())
         .with_context(|| format!("cannot open the PIT store {store_url:?}"))?;
     info!(store = %store.url(), pit_interval = ?config.pit_interval(), "PIT store");
+    crate::gc::spawn_periodic(&store, &config);
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,
