@@ -13,6 +13,7 @@
 //! store = "file:///srv/lifeboat"      # optional PIT store (file:///abs, /abs or s3://bucket/prefix); default D/store
 //! pit_interval = "10m"                # optional; scheduled PITs ("0s": at every durable epoch)
 //! pit_max_rate = "50MiB/s"            # optional cap on each PIT's reads and uploads
+//! gc_interval = "1h"                  # optional; how often `serve` applies retention and runs gc ("0s": never)
 //!
 //! [[volume]]                          # optional: a block device or file as one volume's staging
 //! server = "web-1"
@@ -25,6 +26,19 @@
 //! allow_http = true                   # allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP, else false
 //! access_key_id = "AKIA..."           # static credentials: both or neither; default the
 //! secret_access_key_file = "s3.secret" #  AWS environment (AWS_ACCESS_KEY_ID, ..., instance role)
+//!
+//! [retention]                         # optional; these are the defaults (AWS DRS's)
+//! keep_last = 1                       # the newest N PITs (at least 1)
+//! keep_within = "1h"                  # every PIT younger than this
+//! keep_hourly = 24                    # the newest PIT of each of the last N hours holding one
+//! keep_daily = 7                      # ... days
+//! keep_weekly = 0                     # ... ISO weeks
+//! keep_monthly = 0                    # ... months
+//!
+//! [[retention_override]]              # optional: other rules for one volume; unset keys
+//! server = "web-1"                    # come from [retention]
+//! volume = "root"
+//! keep_daily = 30
 //! ```
 //!
 //! # `[s3]`
@@ -32,6 +46,10 @@
 //! secret key is never written in this file, which `init` makes world-readable
 //! and operators paste into tickets: `secret_access_key_file` names a file
 //! (mode 0600, relative to `D`) holding it; surrounding whitespace is ignored.
+//!
+//! # Retention
+//! See [`crate::retention`] for what the rules mean and [`crate::gc`] for
+//! what `gc` does with them.
 //!
 //! # `tls_name`
 //! Agents verify the receiver certificate against `tls_name`, so it must be one of
@@ -52,6 +70,7 @@ use lifeboat_protocol::{ServerName, VolumeName};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::retention::RetentionPolicy;
 use crate::store::{S3Credentials, S3Settings, Store, StoreUrl};
 
 /// The configuration file's name inside the receiver directory.
@@ -210,6 +229,99 @@ impl S3Config {
     }
 }
 
+/// Retention keys, as in `[retention]` and `[[retention_override]]`: each
+/// unset key falls back to the next level (override → `[retention]` →
+/// [`RetentionPolicy::default`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRules {
+    /// The newest N PITs (at least 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// Every PIT younger than this duration ("1h", "90m"; "0s": off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
+    /// The newest PIT of each of the last N hours holding one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
+    /// The newest PIT of each of the last N days holding one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    /// The newest PIT of each of the last N ISO weeks holding one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    /// The newest PIT of each of the last N months holding one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+}
+
+impl RetentionRules {
+    fn is_empty(&self) -> bool {
+        *self == RetentionRules::default()
+    }
+
+    /// `base` with the keys set here replaced; the error names the key.
+    pub fn apply_to(&self, base: &RetentionPolicy) -> Result<RetentionPolicy, String> {
+        let keep_within = match &self.keep_within {
+            None => base.keep_within,
+            Some(text) => humantime::parse_duration(text.trim())
+                .map_err(|e| format!("keep_within = {text:?}: {e} (e.g. \"1h\", \"90m\")"))?,
+        };
+        let policy = RetentionPolicy {
+            keep_last: self.keep_last.unwrap_or(base.keep_last),
+            keep_within,
+            keep_hourly: self.keep_hourly.unwrap_or(base.keep_hourly),
+            keep_daily: self.keep_daily.unwrap_or(base.keep_daily),
+            keep_weekly: self.keep_weekly.unwrap_or(base.keep_weekly),
+            keep_monthly: self.keep_monthly.unwrap_or(base.keep_monthly),
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+}
+
+/// A `[[retention_override]]` entry: other retention rules for one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionOverride {
+    /// The source server.
+    pub server: ServerName,
+    /// The volume on that server.
+    pub volume: VolumeName,
+    /// See [`RetentionRules::keep_last`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// See [`RetentionRules::keep_within`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
+    /// See [`RetentionRules::keep_hourly`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
+    /// See [`RetentionRules::keep_daily`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    /// See [`RetentionRules::keep_weekly`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    /// See [`RetentionRules::keep_monthly`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+}
+
+impl RetentionOverride {
+    /// The keys this override sets.
+    pub fn rules(&self) -> RetentionRules {
+        RetentionRules {
+            keep_last: self.keep_last,
+            keep_within: self.keep_within.clone(),
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+        }
+    }
+}
+
 /// The parsed `receiver.toml` (see the module documentation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ReceiverConfig {
@@ -241,9 +353,20 @@ pub struct ReceiverConfig {
     /// How to reach an `s3://` store.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Config>,
+    /// How often `serve` applies retention and collects garbage (e.g. "1h";
+    /// "0s": never, run `lifeboat-receiver gc` yourself). `None` means the
+    /// default, [`DEFAULT_GC_INTERVAL`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_interval: Option<String>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
+    /// `[retention]`: the rules for every volume without an override.
+    #[serde(skip_serializing_if = "RetentionRules::is_empty")]
+    pub retention: RetentionRules,
+    /// `[[retention_override]]`: per-volume rules.
+    #[serde(rename = "retention_override", skip_serializing_if = "Vec::is_empty")]
+    pub retention_overrides: Vec<RetentionOverride>,
 }
 
 /// The file as written, before defaults.
@@ -260,8 +383,13 @@ struct RawConfig {
     pit_interval: Option<String>,
     pit_max_rate: Option<String>,
     s3: Option<S3Config>,
+    gc_interval: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
+    #[serde(default)]
+    retention: RetentionRules,
+    #[serde(default, rename = "retention_override")]
+    retention_overrides: Vec<RetentionOverride>,
 }
 
 /// Parses a data rate such as `50MiB/s` (or `50MiB`): above zero.
@@ -277,6 +405,9 @@ fn parse_rate(text: &str) -> Result<u64, String> {
 
 /// DRS's default PIT interval: ten minutes.
 pub const DEFAULT_PIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How often `serve` runs retention and gc by default: hourly.
+pub const DEFAULT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Splits `host:port` (IPv6 hosts in brackets); `None` if it is not of that form.
 /// The host comes back without brackets.
@@ -305,7 +436,10 @@ impl ReceiverConfig {
             pit_interval: None,
             pit_max_rate: None,
             s3: None,
+            gc_interval: None,
             volumes: Vec::new(),
+            retention: RetentionRules::default(),
+            retention_overrides: Vec::new(),
         }
     }
 
@@ -349,7 +483,10 @@ impl ReceiverConfig {
             pit_interval: raw.pit_interval,
             pit_max_rate: raw.pit_max_rate,
             s3: raw.s3,
+            gc_interval: raw.gc_interval,
             volumes: raw.volumes,
+            retention: raw.retention,
+            retention_overrides: raw.retention_overrides,
         };
         config.check().map_err(ParseError::Invalid)?;
         Ok(config)
@@ -393,6 +530,27 @@ impl ReceiverConfig {
         }
         if let Some(text) = &self.pit_max_rate {
             parse_rate(text).map_err(|e| format!("pit_max_rate = {text:?}: {e}"))?;
+        }
+        if let Some(text) = &self.gc_interval {
+            humantime::parse_duration(text.trim()).map_err(|e| {
+                format!("gc_interval = {text:?}: {e} (e.g. \"1h\", \"0s\" for never)")
+            })?;
+        }
+        let base = self
+            .retention
+            .apply_to(&RetentionPolicy::default())
+            .map_err(|e| format!("[retention] {e}"))?;
+        let mut overridden = HashSet::new();
+        for o in &self.retention_overrides {
+            let (s, v) = (o.server.as_str(), o.volume.as_str());
+            if !overridden.insert((&o.server, &o.volume)) {
+                return Err(format!(
+                    "[[retention_override]] server = {s:?}, volume = {v:?} appears twice"
+                ));
+            }
+            o.rules().apply_to(&base).map_err(|e| {
+                format!("[[retention_override]] server = {s:?}, volume = {v:?}: {e}")
+            })?;
         }
         if let Some(store) = &self.store {
             crate::store::StoreUrl::parse(store).map_err(|e| format!("store = {store:?}: {e}"))?;
@@ -443,7 +601,9 @@ impl ReceiverConfig {
              #   subjectAltName of pki/server.pem. Optional: staging_dir = \"/path\" (default: staging/\n\
              #   here); [[volume]] tables with server, volume, path to put one volume's staging on a\n\
              #   block device or file. fsync = \"always\": fdatasync staging and index before every\n\
-             #   acknowledgement.\n\
+             #   acknowledgement. [retention] (keep_last, keep_within, keep_hourly, keep_daily,\n\
+             #   keep_weekly, keep_monthly) and [[retention_override]] (server, volume, keys) say\n\
+             #   which PITs gc keeps; gc_interval how often serve runs it.\n\
              {body}"
         )
     }
@@ -498,6 +658,34 @@ impl ReceiverConfig {
         self.pit_max_rate
             .as_deref()
             .and_then(|t| parse_rate(t).ok())
+    }
+
+    /// How often `serve` runs retention and gc; `None` for "0s" (never).
+    pub fn gc_interval(&self) -> Option<std::time::Duration> {
+        let d = self
+            .gc_interval
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t.trim()).ok())
+            .unwrap_or(DEFAULT_GC_INTERVAL);
+        (!d.is_zero()).then_some(d)
+    }
+
+    /// The retention policy of one volume: its `[[retention_override]]` over
+    /// `[retention]` over the defaults. A file that failed validation falls
+    /// back key by key to the level below (`load` refuses such files).
+    pub fn retention_policy(&self, server: &ServerName, volume: &VolumeName) -> RetentionPolicy {
+        let base = self
+            .retention
+            .apply_to(&RetentionPolicy::default())
+            .unwrap_or_default();
+        match self
+            .retention_overrides
+            .iter()
+            .find(|o| &o.server == server && &o.volume == volume)
+        {
+            Some(o) => o.rules().apply_to(&base).unwrap_or(base),
+            None => base,
+        }
     }
 
     /// The PIT store's URL: `store` if set, else `D/store` (`D` made absolute).
@@ -808,5 +996,79 @@ mod tests {
                 _ => panic!("{text}: must be rejected"),
             }
         }
+    }
+
+    #[test]
+    fn retention_defaults_overrides_and_errors() {
+        let listen = "listen = \"127.0.0.1:7443\"\n";
+        let (web, data, root) = (
+            ServerName::new("web-1").unwrap(),
+            VolumeName::new("data").unwrap(),
+            VolumeName::new("root").unwrap(),
+        );
+        let c = ReceiverConfig::from_toml(listen).expect("parses");
+        assert_eq!(c.retention_policy(&web, &data), RetentionPolicy::default());
+        assert_eq!(c.gc_interval(), Some(DEFAULT_GC_INTERVAL));
+        let text = c.to_toml();
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("retention") && !l.starts_with('#')),
+            "{text}"
+        );
+
+        let text = format!(
+            "{listen}gc_interval = \"0s\"\n\
+             [retention]\nkeep_within = \"2h\"\nkeep_daily = 14\nkeep_weekly = 4\n\
+             [[retention_override]]\nserver = \"web-1\"\nvolume = \"data\"\nkeep_daily = 30\nkeep_last = 3\n"
+        );
+        let c = ReceiverConfig::from_toml(&text).expect("parses");
+        assert_eq!(c.gc_interval(), None);
+        let base = c.retention_policy(&web, &root);
+        assert_eq!(base.keep_within, std::time::Duration::from_secs(7200));
+        assert_eq!(
+            (
+                base.keep_last,
+                base.keep_hourly,
+                base.keep_daily,
+                base.keep_weekly
+            ),
+            (1, 24, 14, 4)
+        );
+        let over = c.retention_policy(&web, &data);
+        assert_eq!(
+            (over.keep_last, over.keep_daily, over.keep_weekly),
+            (3, 30, 4)
+        );
+        assert_eq!(over.keep_within, base.keep_within);
+        // It survives a round trip through the file.
+        let dir = tempfile::tempdir().unwrap();
+        c.save_new(dir.path()).unwrap();
+        assert_eq!(ReceiverConfig::load(dir.path()).unwrap(), c);
+
+        let bad = |extra: &str, needle: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), &format!("{listen}{extra}"));
+            let msg = ReceiverConfig::load(dir.path()).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{extra}: {msg}");
+        };
+        bad("[retention]\nkeep_yearly = 3\n", "keep_yearly");
+        bad("[retention]\nkeep_last = 0\n", "keep_last");
+        bad("[retention]\nkeep_within = \"soon\"\n", "keep_within");
+        bad("[retention]\nkeep_daily = -1\n", "keep_daily");
+        bad("gc_interval = \"hourly\"\n", "gc_interval");
+        bad(
+            "[[retention_override]]\nserver = \"a\"\nvolume = \"b\"\nkeep_hours = 1\n",
+            "keep_hours",
+        );
+        bad(
+            "[[retention_override]]\nserver = \"a\"\nvolume = \"b\"\nkeep_last = 0\n",
+            "server = \"a\", volume = \"b\": keep_last",
+        );
+        bad(
+            "[[retention_override]]\nserver = \"a\"\nvolume = \"b\"\n\
+             [[retention_override]]\nserver = \"a\"\nvolume = \"b\"\n",
+            "appears twice",
+        );
     }
 }

@@ -3,11 +3,13 @@
 
 pub mod config;
 pub mod fsutil;
+pub mod gc;
 pub mod launch;
 pub mod pit;
 pub mod pitter;
 pub mod pki;
 pub mod replica;
+pub mod retention;
 pub mod server;
 pub mod staging;
 pub mod status;

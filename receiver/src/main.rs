@@ -62,6 +62,13 @@ enum Command {
     /// (sparse for a file) beside FILE, fsyncs and renames it into place.
     /// Reads the store directly; no `serve` needed.
     Launch(LaunchArgs),
+    /// Apply retention and collect garbage in the PIT store: retire the PITs
+    /// the rules of receiver.toml's [retention] (and [[retention_override]])
+    /// no longer keep, delete the manifests no live PIT needs, and delete the
+    /// chunks no live PIT references that are older than --grace. Never
+    /// deletes a chunk a PIT being taken may need. Reads the store directly;
+    /// no `serve` needed (one gc at a time: a second fails naming the lock).
+    Gc(GcArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +111,33 @@ struct LaunchArgs {
     /// Overwrite a non-empty file; required to write a block device in place.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct GcArgs {
+    /// Receiver directory (its receiver.toml gives the store and the
+    /// retention rules; without one, the defaults and DIR/store).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The PIT store (file:///abs/path, /abs/path or s3://bucket/prefix)
+    /// [default: receiver.toml's `store`, else DIR/store].
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Print what would be retired and deleted, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Evaluate retention as of this RFC 3339 time instead of now, for
+    /// what-if planning and tests. Locks, leases and --grace use the real
+    /// clock.
+    #[arg(long, value_name = "RFC3339")]
+    now: Option<String>,
+    /// Keep unreferenced chunks younger than this (e.g. 1h, 30m, 0s).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// Print one JSON object (volumes, PIT decisions, deleted keys) instead
+    /// of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -184,6 +218,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(&args),
         Command::Pits(args) => pits(&args),
         Command::Launch(args) => launch(&args),
+        Command::Gc(args) => gc(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -378,20 +413,29 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
 /// hold only the store), with receiver.toml's `[s3]` settings. Every command
 /// that reads the store opens it here.
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
-    let config = match ReceiverConfig::load(&args.dir) {
-        Ok(c) => c,
-        Err(ConfigError::Missing { .. }) => {
-            ReceiverConfig::new(SocketAddr::from(([127, 0, 0, 1], 7443)))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let url = match &args.store {
+    open_store_in(&args.dir, args.store.as_deref())
+}
+
+/// DIR/receiver.toml, or the defaults when DIR has none.
+fn config_or_default(dir: &Path) -> anyhow::Result<ReceiverConfig> {
+    match ReceiverConfig::load(dir) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Missing { .. }) => Ok(ReceiverConfig::new(SocketAddr::from((
+            [127, 0, 0, 1],
+            7443,
+        )))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// [`open_store`] for a directory and an optional `--store`.
+fn open_store_in(dir: &Path, store: Option<&str>) -> anyhow::Result<Store> {
+    let config = config_or_default(dir)?;
+    let url = match store {
         Some(s) => StoreUrl::parse(s).context("--store")?,
-        None => config
-            .store_url(&args.dir)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => config.store_url(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
     };
-    Ok(config.open_store_at(&args.dir, &url)?)
+    Ok(config.open_store_at(dir, &url)?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -470,6 +514,129 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `gc`: retention and garbage collection over the store.
+fn gc(args: &GcArgs) -> anyhow::Result<()> {
+    use lifeboat_receiver::gc::{run_gc, GcOptions, SystemClock};
+    let retention_now_unix_ms = match &args.now {
+        None => None,
+        Some(s) => match launch::parse_at(s).map_err(|e| anyhow::anyhow!("--now: {e}"))? {
+            pit::At::Time(ms) if ms >= 0 => Some(ms as u64),
+            _ => bail!(
+                "--now {s:?}: expected an RFC 3339 time after 1970, e.g. 2026-11-25T10:20:00Z"
+            ),
+        },
+    };
+    let config = config_or_default(&args.dir)?;
+    let store = open_store_in(&args.dir, args.store.as_deref())?;
+    let opts = GcOptions {
+        retention_now_unix_ms,
+        grace: args.grace,
+        dry_run: args.dry_run,
+        progress: !args.json,
+    };
+    let policy = |s: &ServerName, v: &VolumeName| config.retention_policy(s, v);
+    let report = runtime()?
+        .block_on(run_gc(&store, &policy, &opts, &SystemClock))
+        .with_context(|| format!("gc of {}", store.url()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_gc_report(&report);
+    }
+    if !report.errors.is_empty() {
+        bail!(
+            "gc of {} is incomplete: {}",
+            report.store,
+            report.errors.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn print_gc_report(r: &lifeboat_receiver::gc::GcReport) {
+    let dry = r.dry_run;
+    let would = |done: &str, maybe: &str| {
+        if dry {
+            maybe.to_string()
+        } else {
+            done.to_string()
+        }
+    };
+    println!(
+        "gc of {}: retention as of {}, grace {}{}",
+        r.store,
+        r.retention_now,
+        r.grace,
+        if dry {
+            " (dry run: nothing is changed)"
+        } else {
+            ""
+        }
+    );
+    for v in &r.volumes {
+        let kept = v.pits.iter().filter(|p| p.decision.keep).count();
+        println!(
+            "{}/{}: {} live PITs, {kept} kept, {} {} ({})",
+            v.server,
+            v.volume,
+            v.pits.len(),
+            v.retired.len(),
+            would("retired", "would be retired"),
+            v.policy
+        );
+        for p in &v.pits {
+            let verb = match (p.decision.keep, dry) {
+                (true, _) => "keep        ",
+                (false, false) => "retired     ",
+                (false, true) => "would retire",
+            };
+            println!("  {verb}  {}  {}  {}", p.id, p.time, p.decision.explain());
+        }
+        for id in &v.manifests_deleted {
+            println!("  {} manifest of {id}", would("deleted", "would delete"));
+        }
+        if !v.manifests_kept_for_chains.is_empty() {
+            println!(
+                "  {} retired manifests kept: kept PITs' chains pass through them ({})",
+                v.manifests_kept_for_chains.len(),
+                v.manifests_kept_for_chains.join(", ")
+            );
+        }
+        if v.orphan_markers_deleted > 0 {
+            println!(
+                "  {} {} leftover retired markers",
+                would("deleted", "would delete"),
+                v.orphan_markers_deleted
+            );
+        }
+    }
+    if r.volumes.is_empty() {
+        println!("no PITs in the store");
+    }
+    let c = &r.chunks;
+    println!(
+        "chunks: {} listed, {} referenced by live PITs, {} unreferenced but younger than {} (kept)",
+        c.listed, c.referenced, c.young, r.grace
+    );
+    if dry {
+        for key in &c.deleted {
+            println!("  would delete chunk {key}");
+        }
+    }
+    println!(
+        "chunks {}: {} ({} bytes)",
+        would("deleted", "that would be deleted"),
+        c.deleted.len(),
+        c.deleted_bytes
+    );
+    if let Some(why) = &c.not_collected {
+        println!("chunks not collected: {why}");
+    }
+    for e in &r.errors {
+        eprintln!("error: {e}");
+    }
+}
+
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -510,6 +677,29 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Status(StatusArgs { json: true, .. })
+        ));
+        let cli = Cli::try_parse_from([
+            "lifeboat-receiver",
+            "gc",
+            "--dir",
+            "d",
+            "--dry-run",
+            "--now",
+            "2025-03-12T12:05:00Z",
+            "--grace",
+            "0s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Gc(GcArgs { dry_run: true, json: false, grace, now: Some(_), .. })
+                if grace.is_zero()
+        ));
+        let cli = Cli::try_parse_from(["lifeboat-receiver", "gc", "--dir", "d"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Gc(GcArgs { dry_run: false, grace, now: None, .. })
+                if grace == lifeboat_receiver::gc::DEFAULT_GRACE
         ));
         assert!(Cli::try_parse_from([
             "lifeboat-receiver",

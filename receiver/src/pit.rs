@@ -51,6 +51,10 @@
 //!   chunks, never a listed partial PIT.
 //! - Manifests are create-only ([`Store::put_new`]); a key that exists is an
 //!   error, never overwritten.
+//! - A PIT with a *retired marker* (`<epoch>-<id>.retired` beside its
+//!   manifest, [`retired_key`]) has expired: [`list_pits`] hides it, so
+//!   neither `pits`, `launch` nor the next PIT's choice of parent sees it. Its
+//!   manifest stays while a live PIT's chain passes through it ([`crate::gc`]).
 //! - PIT ids are 20 characters: 10 of Crockford base32 milliseconds, 10 of
 //!   randomness, so they sort by creation time and two receivers never pick the
 //!   same one.
@@ -62,9 +66,7 @@
 //!   [`write_manifest`].
 //! - `lifeboat-receiver pits` ([`list_pits`]), `launch` ([`pick_pit`],
 //!   [`resolve`], parallel [`Store::get_chunk`]; a block whose digest is
-//!   `zero_hash(len)` can be written as a hole without fetching), and `gc`
-//!   with retention, which must keep every manifest on the chain of a kept PIT
-//!   and never delete a chunk a PIT in progress may need.
+//!   `zero_hash(len)` can be written as a hole without fetching).
 //! - Manifests are single objects: 40 bytes per entry, so a full manifest of a
 //!   1 TiB volume at 64 KiB blocks is 640 MiB. Multi-TiB volumes want a
 //!   chunked (index-of-index) manifest, which would be format version 2.
@@ -1002,20 +1004,93 @@ pub async fn resolve(store: &Store, manifest: &PitManifest) -> Result<Vec<BlockH
     Ok(digests)
 }
 
-/// Every PIT of one volume, oldest first (by epoch, then time, then id).
+/// Suffix of the marker that retires a PIT (see [`retired_key`]).
+pub const RETIRED_SUFFIX: &str = ".retired";
+
+/// The key of the marker that retires a PIT: the manifest's key with
+/// `.retired` for `.manifest`. A PIT with a marker is expired: [`list_pits`]
+/// hides it, and `gc` deletes its manifest once no live PIT's chain needs it,
+/// then the marker.
+pub fn retired_key(
+    server: &str,
+    volume: &str,
+    epoch: u64,
+    pit_id: &str,
+) -> Result<String, PitError> {
+    let key = manifest_key(server, volume, epoch, pit_id)?;
+    let stem = key
+        .strip_suffix(crate::store::MANIFEST_SUFFIX)
+        .unwrap_or(&key);
+    Ok(format!("{stem}{RETIRED_SUFFIX}"))
+}
+
+/// Splits the file name of a retired marker (`<epoch>-<id>.retired`) into
+/// epoch and PIT id.
+pub fn parse_retired_name(name: &str) -> Option<(u64, &str)> {
+    let stem = name.strip_suffix(RETIRED_SUFFIX)?;
+    // Same grammar as a manifest name.
+    parse_manifest_name(&format!("{stem}{}", crate::store::MANIFEST_SUFFIX))?;
+    let (epoch, id) = stem.split_once('-')?;
+    Some((epoch.parse().ok()?, id))
+}
+
+/// Everything stored for one volume's PITs, retired ones included.
+#[derive(Clone, Debug, Default)]
+pub struct VolumePits {
+    /// Every manifest, oldest first (by epoch, then time, then id).
+    pub manifests: Vec<PitSummary>,
+    /// Ids of the PITs that carry a retired marker.
+    pub retired: std::collections::BTreeSet<String>,
+    /// Keys of retired markers whose manifest is gone (left by an
+    /// interrupted `gc`).
+    pub orphan_markers: Vec<String>,
+}
+
+impl VolumePits {
+    /// The live PITs: manifests without a retired marker, oldest first.
+    pub fn live(&self) -> impl Iterator<Item = &PitSummary> {
+        self.manifests
+            .iter()
+            .filter(|p| !self.retired.contains(&p.id))
+    }
+}
+
+/// Every live PIT of one volume, oldest first (by epoch, then time, then id).
 /// Reads only the head of each manifest; objects whose names are not manifest
-/// names are ignored.
+/// names are ignored, and retired PITs (see [`retired_key`]) are hidden.
 pub async fn list_pits(
     store: &Store,
     server: &str,
     volume: &str,
 ) -> Result<Vec<PitSummary>, PitError> {
+    let all = list_volume_pits(store, server, volume).await?;
+    let retired = all.retired;
+    Ok(all
+        .manifests
+        .into_iter()
+        .filter(|p| !retired.contains(&p.id))
+        .collect())
+}
+
+/// Every manifest and retired marker of one volume (what `gc` works from);
+/// see [`list_pits`] for the live PITs only.
+pub async fn list_volume_pits(
+    store: &Store,
+    server: &str,
+    volume: &str,
+) -> Result<VolumePits, PitError> {
     let dir = manifest_dir(server, volume)?;
-    let objects = store.list(&dir, MAX_PITS_PER_VOLUME).await?;
+    // A marker per manifest at most, so twice the PIT bound.
+    let objects = store.list(&dir, 2 * MAX_PITS_PER_VOLUME).await?;
+    let mut markers: Vec<(String, String)> = Vec::new();
     let wanted: Vec<(String, u64, u64, String)> = objects
         .into_iter()
         .filter_map(|o| {
             let name = o.key.strip_prefix(&dir)?.strip_prefix('/')?;
+            if let Some((_, id)) = parse_retired_name(name) {
+                markers.push((id.to_string(), o.key.clone()));
+                return None;
+            }
             let (epoch, id) = parse_manifest_name(name)?;
             Some((o.key.clone(), o.size, epoch, id.to_string()))
         })
@@ -1043,7 +1118,18 @@ pub async fn list_pits(
         .try_collect()
         .await?;
     out.sort_by(|a, b| (a.epoch, a.time_unix_ms, &a.id).cmp(&(b.epoch, b.time_unix_ms, &b.id)));
-    Ok(out)
+    let ids: std::collections::HashSet<&str> = out.iter().map(|p| p.id.as_str()).collect();
+    let mut pits = VolumePits::default();
+    for (id, key) in markers {
+        if ids.contains(id.as_str()) {
+            pits.retired.insert(id);
+        } else {
+            pits.orphan_markers.push(key);
+        }
+    }
+    pits.orphan_markers.sort();
+    pits.manifests = out;
+    Ok(pits)
 }
 
 #[cfg(test)]
@@ -1494,6 +1580,66 @@ mod tests {
             "{msg}"
         );
         assert!(matches!(pick_pit(&[], &At::Latest), Err(PitError::NoPits)));
+    }
+
+    #[tokio::test]
+    async fn retired_pits_are_hidden_from_listing() {
+        let (_dir, store) = local_store();
+        let (manifests, _) = build_chain(3);
+        for m in &manifests {
+            write_manifest(&store, m).await.expect("write");
+        }
+        let m = &manifests[1];
+        let key = retired_key("web-1", "data", m.epoch, m.pit_id.as_str()).expect("key");
+        assert_eq!(key, m.key().replace(".manifest", ".retired"));
+        let name = key.rsplit('/').next().expect("name");
+        assert_eq!(parse_retired_name(name), Some((m.epoch, m.pit_id.as_str())));
+        assert_eq!(parse_retired_name("x.retired"), None);
+        assert_eq!(
+            parse_retired_name(&name.replace(".retired", ".manifest")),
+            None
+        );
+        store
+            .put_new(&key, Bytes::from_static(b"{}"))
+            .await
+            .expect("marker");
+        // A marker whose manifest is gone.
+        let orphan = retired_key("web-1", "data", 99, "0000000000000000000z").expect("key");
+        store
+            .put_new(&orphan, Bytes::from_static(b"{}"))
+            .await
+            .expect("marker");
+
+        let ids: Vec<String> = list_pits(&store, "web-1", "data")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [&manifests[0], &manifests[2]].map(|m| m.pit_id.to_string())
+        );
+        let all = list_volume_pits(&store, "web-1", "data")
+            .await
+            .expect("all");
+        assert_eq!(all.manifests.len(), 3);
+        assert_eq!(
+            all.retired.iter().cloned().collect::<Vec<_>>(),
+            [m.pit_id.to_string()]
+        );
+        assert_eq!(all.orphan_markers, [orphan]);
+        assert_eq!(all.live().count(), 2);
+        // The retired manifest is still there for its child's chain.
+        assert_eq!(
+            resolve(&store, &manifests[2]).await.expect("resolve").len(),
+            8
+        );
+        let latest = list_pits(&store, "web-1", "data").await.expect("list");
+        assert!(matches!(
+            pick_pit(&latest, &At::Id(m.pit_id.to_string())),
+            Err(PitError::UnknownPit { .. })
+        ));
     }
 
     #[tokio::test]

@@ -160,6 +160,9 @@ fn write_pit(
         start,
         time_unix_ms,
     } = job;
+    // Held until this function returns, taken before anything is looked up in
+    // the store: gc deletes no chunk this PIT may reuse (see `crate::gc`).
+    let _lease = crate::gc::PitLease::acquire(rt, store, &server, &volume)?;
     let epoch = start.epoch;
     let geometry = start.geometry;
     let check_cancel = || -> anyhow::Result<()> {

@@ -131,6 +131,7 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
 
     let store = config.open_store(dir)?;
     info!(store = %store.url(), via = store.via(), pit_interval = ?config.pit_interval(), "PIT store");
+    crate::gc::spawn_periodic(&store, &config);
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,

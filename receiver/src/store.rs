@@ -761,6 +761,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The names of the key directories directly under `prefix` (for
+    /// `pits`: the servers), sorted. An absent prefix has none.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let loc = self.location(prefix)?;
+        let listed = match self.inner.list_with_delimiter(Some(&loc)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.backend("list", prefix, e)),
+        };
+        let mut out: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Deletes the object at `key`; an absent object is not an error (deletes
     /// are retried by `gc`, and S3 does not report absence either).
     pub async fn delete(&self, key: &str) -> Result<()> {
@@ -1248,6 +1266,11 @@ mod tests {
                 .expect("put");
         }
         assert!(store.exists("pits/web-1/a").await.expect("exists"));
+        assert_eq!(
+            store.list_dirs("pits").await.expect("dirs"),
+            ["web-1", "web-10"]
+        );
+        assert!(store.list_dirs("nothing").await.expect("none").is_empty());
         let mut listed = store.list("pits/web-1", 10).await.expect("list");
         listed.sort_by(|a, b| a.key.cmp(&b.key));
         let keys: Vec<_> = listed.iter().map(|o| o.key.as_str()).collect();
