@@ -116,6 +116,17 @@ fn status_lists_a_synced_volume_while_serving_and_after() {
         );
     };
     assert!(rx.is_running());
+    // The receiver notices the end of the session a moment after the agent
+    // exits (bounded wait), then the row must be complete.
+    let ended = poll(Duration::from_secs(10), || {
+        let out = status(&rx, true);
+        serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v[0]["state"] == "DISCONNECTED")
+    });
+    assert!(
+        ended,
+        "status never showed DISCONNECTED after the sync ended"
+    );
     check(&rx);
     // And with the receiver stopped.
     rx.kill9();
