@@ -15,6 +15,7 @@ pub mod geometry;
 pub mod hash;
 pub mod index;
 pub mod names;
+pub mod rate;
 pub mod session;
 
 pub use bundle::Bundle;

@@ -13,6 +13,7 @@
 //! store = "file:///srv/lifeboat"      # optional PIT store (file:///abs, /abs or s3://bucket/prefix); default D/store
 //! pit_interval = "10m"                # optional; scheduled PITs ("0s": at every durable epoch)
 //! pit_max_rate = "50MiB/s"            # optional cap on each PIT's reads and uploads
+//! max_rate = "200MiB/s"               # optional cap on replication data taken in, all agents together
 //! gc_interval = "1h"                  # optional; how often `serve` applies retention and runs gc ("0s": never)
 //!
 //! [[volume]]                          # optional: a block device or file as one volume's staging
@@ -350,6 +351,11 @@ pub struct ReceiverConfig {
     /// not starve the link to the store or the staging disk; `None`: no cap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pit_max_rate: Option<String>,
+    /// Cap on the replication data this receiver takes in, all agents together
+    /// (bytes of block frames per second, e.g. "200MiB/s"); agents are slowed
+    /// down by QUIC flow control. `None`: no cap. Reloaded on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<String>,
     /// How to reach an `s3://` store.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Config>,
@@ -382,6 +388,7 @@ struct RawConfig {
     store: Option<String>,
     pit_interval: Option<String>,
     pit_max_rate: Option<String>,
+    max_rate: Option<String>,
     s3: Option<S3Config>,
     gc_interval: Option<String>,
     #[serde(default, rename = "volume")]
@@ -435,6 +442,7 @@ impl ReceiverConfig {
             store: None,
             pit_interval: None,
             pit_max_rate: None,
+            max_rate: None,
             s3: None,
             gc_interval: None,
             volumes: Vec::new(),
@@ -482,6 +490,7 @@ impl ReceiverConfig {
             store: raw.store,
             pit_interval: raw.pit_interval,
             pit_max_rate: raw.pit_max_rate,
+            max_rate: raw.max_rate,
             s3: raw.s3,
             gc_interval: raw.gc_interval,
             volumes: raw.volumes,
@@ -530,6 +539,9 @@ impl ReceiverConfig {
         }
         if let Some(text) = &self.pit_max_rate {
             parse_rate(text).map_err(|e| format!("pit_max_rate = {text:?}: {e}"))?;
+        }
+        if let Some(text) = &self.max_rate {
+            parse_rate(text).map_err(|e| format!("max_rate = {text:?}: {e}"))?;
         }
         if let Some(text) = &self.gc_interval {
             humantime::parse_duration(text.trim()).map_err(|e| {
@@ -651,6 +663,11 @@ impl ReceiverConfig {
             .as_deref()
             .and_then(|t| humantime::parse_duration(t.trim()).ok())
             .unwrap_or(DEFAULT_PIT_INTERVAL)
+    }
+
+    /// The receiver-wide cap on replication data, in bytes per second, if any.
+    pub fn max_rate(&self) -> Option<u64> {
+        self.max_rate.as_deref().and_then(|t| parse_rate(t).ok())
     }
 
     /// The cap on PIT upload rate, in bytes per second, if any.
@@ -867,6 +884,14 @@ mod tests {
         let c = ReceiverConfig::from_toml(&format!("{listen}pit_max_rate = \"16MiB/s\"\n"))
             .expect("parse");
         assert_eq!(c.pit_max_rate(), Some(16 << 20));
+        assert_eq!(c.max_rate(), None);
+        let c = ReceiverConfig::from_toml(&format!("{listen}max_rate = \"200MiB/s\"\n"))
+            .expect("parse");
+        assert_eq!(c.max_rate(), Some(200 << 20));
+        match ReceiverConfig::from_toml(&format!("{listen}max_rate = \"lots\"\n")) {
+            Err(ParseError::Invalid(reason)) => assert!(reason.contains("max_rate"), "{reason}"),
+            _ => panic!("max_rate = \"lots\" must be rejected"),
+        }
         assert!(c.to_toml().contains("pit_max_rate = \"16MiB/s\""));
         for bad in ["0MiB/s", "fast", "-1"] {
             match ReceiverConfig::from_toml(&format!("{listen}pit_max_rate = \"{bad}\"\n")) {

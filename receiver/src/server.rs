@@ -49,7 +49,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,7 @@ use lifeboat_protocol::frame::{
     BlockRange, Frame, PitOutcome, RejectCode, HELLO_FLAG_RESIZE, RESYNC_EPOCH,
 };
 use lifeboat_protocol::hash::BlockHash;
+use lifeboat_protocol::rate::TokenBucket;
 use lifeboat_protocol::session::{ReceiverEvent, ReceiverSession, SessionState};
 use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
 use tokio::sync::mpsc;
@@ -95,6 +96,94 @@ pub struct Receiver {
     /// Cancel flags of the PITs being written, per volume: raised when a newer
     /// session takes the volume over, so the old one lets go of it quickly.
     pits_running: Mutex<HashMap<(ServerName, VolumeName), Arc<AtomicBool>>>,
+    /// Settings SIGHUP reloads from receiver.toml.
+    live: Live,
+}
+
+/// What can change without a restart (SIGHUP re-reads receiver.toml).
+struct Live {
+    /// `max_rate`: all data streams of all sessions draw from this bucket.
+    max_rate: Mutex<Option<TokenBucket>>,
+    /// `pit_interval`, in ms.
+    pit_interval_ms: AtomicU64,
+    /// `pit_max_rate`, bytes per second; 0 for none.
+    pit_max_rate: AtomicU64,
+}
+
+impl Live {
+    fn new(config: &ReceiverConfig) -> Live {
+        Live {
+            max_rate: Mutex::new(
+                config
+                    .max_rate()
+                    .map(|r| TokenBucket::new(r, std::time::Instant::now())),
+            ),
+            pit_interval_ms: AtomicU64::new(config.pit_interval().as_millis() as u64),
+            pit_max_rate: AtomicU64::new(config.pit_max_rate().unwrap_or(0)),
+        }
+    }
+
+    fn pit_interval_ms(&self) -> u64 {
+        self.pit_interval_ms.load(Ordering::Relaxed)
+    }
+
+    fn pit_max_rate(&self) -> Option<u64> {
+        Some(self.pit_max_rate.load(Ordering::Relaxed)).filter(|&r| r > 0)
+    }
+
+    /// Waits until `bytes` more may be taken in under `max_rate`.
+    async fn throttle(&self, bytes: usize) {
+        let wait = match self.max_rate.lock() {
+            Ok(mut b) => b.as_mut().map_or(Duration::ZERO, |b| {
+                b.take(bytes as u64, std::time::Instant::now())
+            }),
+            Err(_) => Duration::ZERO,
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Applies a re-read receiver.toml; logs what changed and what needs a
+    /// restart.
+    fn reload(&self, old: &ReceiverConfig, new: &ReceiverConfig) {
+        let now = std::time::Instant::now();
+        if let Ok(mut b) = self.max_rate.lock() {
+            let before = b.as_ref().map(TokenBucket::rate);
+            match (b.as_mut(), new.max_rate()) {
+                (Some(bucket), Some(rate)) => bucket.set_rate(rate, now),
+                (_, rate) => *b = rate.map(|r| TokenBucket::new(r, now)),
+            }
+            let after = b.as_ref().map(TokenBucket::rate);
+            if before != after {
+                info!(from = ?before, to = ?after, "SIGHUP: max_rate changed (bytes/s, None: no cap)");
+            }
+        }
+        let interval = new.pit_interval().as_millis() as u64;
+        if self.pit_interval_ms.swap(interval, Ordering::Relaxed) != interval {
+            info!(pit_interval = ?new.pit_interval(), "SIGHUP: pit_interval changed");
+        }
+        let pit_rate = new.pit_max_rate().unwrap_or(0);
+        if self.pit_max_rate.swap(pit_rate, Ordering::Relaxed) != pit_rate {
+            info!(pit_max_rate = ?new.pit_max_rate(), "SIGHUP: pit_max_rate changed");
+        }
+        let restart = [
+            ("listen", old.listen != new.listen),
+            ("advertise", old.advertise != new.advertise),
+            ("tls_name", old.tls_name != new.tls_name),
+            ("staging_dir", old.staging_dir != new.staging_dir),
+            ("store", old.store != new.store),
+            ("[s3]", old.s3 != new.s3),
+            ("[[volume]]", old.volumes != new.volumes),
+        ];
+        for (key, changed) in restart {
+            if changed {
+                warn!(
+                    "SIGHUP: {key} changed in receiver.toml; it takes effect at the next restart"
+                );
+            }
+        }
+    }
 }
 
 /// A PIT task's result, for the session that started it.
@@ -132,6 +221,8 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     let store = config.open_store(dir)?;
     info!(store = %store.url(), via = store.via(), pit_interval = ?config.pit_interval(), "PIT store");
     crate::gc::spawn_periodic(&store, &config);
+    let live = Live::new(&config);
+    let mut current = config.clone();
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,
@@ -139,8 +230,10 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
         store,
         next_pit: Mutex::new(HashMap::new()),
         pits_running: Mutex::new(HashMap::new()),
+        live,
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -165,6 +258,16 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                match ReceiverConfig::load(dir) {
+                    Ok(new) => {
+                        info!(config = %ReceiverConfig::path(dir).display(), "SIGHUP: reloading");
+                        receiver.live.reload(&current, &new);
+                        current = new;
+                    }
+                    Err(e) => error!("SIGHUP: {e}; keeping the settings in force"),
+                }
+            }
         }
     }
     info!("shutting down");
@@ -472,7 +575,7 @@ async fn drive_session(
                                 let held = _guard.clone();
                                 let apply = apply_task(r.clone(), rx, crx, report_tx.clone());
                                 tokio::spawn(async move { apply.await; drop(held) }.in_current_span());
-                                tokio::spawn(accept_data_streams(conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
+                                tokio::spawn(accept_data_streams(receiver.clone(), conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
                                 apply_tx = Some(tx);
                                 commit_tx = Some(ctx);
                                 replica = Some(r);
@@ -749,7 +852,7 @@ async fn pit_schedule_due(receiver: &Receiver, server: &ServerName, volume: &Vol
         .lock()
         .ok()
         .and_then(|m| m.get(&key).copied());
-    let interval_ms = receiver.config.pit_interval().as_millis() as u64;
+    let interval_ms = receiver.live.pit_interval_ms();
     let due = match known {
         Some(t) => t,
         None => {
@@ -789,11 +892,11 @@ fn spawn_pit(
 ) {
     let key = (server.clone(), volume.clone());
     let epoch = job.epoch();
-    let interval_ms = receiver.config.pit_interval().as_millis() as u64;
+    let interval_ms = receiver.live.pit_interval_ms();
     if let Ok(mut m) = receiver.next_pit.lock() {
         m.insert(key.clone(), unix_ms().saturating_add(interval_ms));
     }
-    let max_rate = receiver.config.pit_max_rate();
+    let max_rate = receiver.live.pit_max_rate();
     let cancel = Arc::new(AtomicBool::new(false));
     if let Ok(mut m) = receiver.pits_running.lock() {
         m.insert(key.clone(), cancel.clone());
@@ -889,6 +992,7 @@ async fn open_replica(
 
 /// Accepts data streams and spawns a reader for each.
 async fn accept_data_streams(
+    receiver: Arc<Receiver>,
     conn: quinn::Connection,
     geometry: VolumeGeometry,
     apply_tx: mpsc::Sender<EpochBlock>,
@@ -898,9 +1002,12 @@ async fn accept_data_streams(
         let apply_tx = apply_tx.clone();
         let report_tx = report_tx.clone();
         let conn = conn.clone();
+        let receiver = receiver.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = read_data_stream(stream, geometry, &apply_tx, &report_tx).await {
+                if let Err(e) =
+                    read_data_stream(&receiver, stream, geometry, &apply_tx, &report_tx).await
+                {
                     error!("data stream: {e:#}");
                     conn.close(2u32.into(), format!("{e:#}").as_bytes());
                 }
@@ -912,6 +1019,7 @@ async fn accept_data_streams(
 
 /// Reads block frames from one data stream, verifying each block.
 async fn read_data_stream(
+    receiver: &Receiver,
     mut stream: quinn::RecvStream,
     geometry: VolumeGeometry,
     apply_tx: &mpsc::Sender<EpochBlock>,
@@ -984,7 +1092,11 @@ async fn read_data_stream(
             }
         }
         match stream.read_chunk(256 << 10, true).await {
-            Ok(Some(c)) => decoder.extend(&c.bytes),
+            Ok(Some(c)) => {
+                // Not reading on makes QUIC flow control slow the agent down.
+                receiver.live.throttle(c.bytes.len()).await;
+                decoder.extend(&c.bytes);
+            }
             Ok(None) => {
                 if decoder.buffered() > 0 {
                     anyhow::bail!(

@@ -551,6 +551,11 @@ impl Receiver {
         self.serve();
     }
 
+    /// The serving process's id, if it serves.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the serving process is still alive.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
