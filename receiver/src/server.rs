@@ -545,6 +545,8 @@ async fn drive_session(
     let mut pit_wanted: Option<(u64, Option<String>)> = None;
     // The epoch of this session's PIT being written, if any.
     let mut pit_running: Option<u64> = None;
+    // A PIT asked for while another was being written: (epoch, label).
+    let mut pit_deferred: Option<(u64, Option<String>)> = None;
 
     let result: anyhow::Result<()> = async {
         loop {
@@ -625,15 +627,15 @@ async fn drive_session(
                         if let (Some(replica), Some(volume)) = (&replica, &volume_name) {
                             let requested = pit_wanted.take_if(|w| w.0 == epoch);
                             let pit = match requested {
-                                Some((_, label)) => {
-                                    // One PIT at a time: the one asked for waits
-                                    // for a scheduled one still being written.
-                                    while pit_running.is_some() {
-                                        let Some(done) = pit_rx.recv().await else { break };
-                                        pit_finished(&server, volume, &mut session, &mut pit_running, done);
-                                    }
-                                    Some((true, label))
+                                // One PIT at a time: the one asked for starts
+                                // when the one being written ends (the agent
+                                // sends nothing more until it is answered, so
+                                // the replica stays at this epoch).
+                                Some((_, label)) if pit_running.is_some() => {
+                                    pit_deferred = Some((epoch, label));
+                                    None
                                 }
+                                Some((_, label)) => Some((true, label)),
                                 None if pit_running.is_none() && pit_schedule_due(&receiver, &server, volume).await => Some((false, None)),
                                 None => None,
                             };
@@ -797,6 +799,27 @@ async fn drive_session(
                 Some(done) = pit_rx.recv() => {
                     if let Some(volume) = &volume_name {
                         pit_finished(&server, volume, &mut session, &mut pit_running, done);
+                        if let (Some((epoch, label)), Some(replica)) = (pit_deferred.take(), &replica) {
+                            let r = replica.clone();
+                            let (s, v) = (server.clone(), volume.clone());
+                            let job = tokio::task::spawn_blocking(move || {
+                                let mut r = r.lock().map_err(|_| "replica lock poisoned".to_string())?;
+                                if r.durable_epoch() != epoch {
+                                    return Err(format!("the replica moved on to epoch {} before the PIT of epoch {epoch} could start", r.durable_epoch()));
+                                }
+                                crate::pitter::start_pit(&mut r, &s, &v, label).map_err(|e| format!("cannot start the PIT: {e}"))
+                            }).await?;
+                            match job {
+                                Ok(job) => {
+                                    pit_running = Some(epoch);
+                                    spawn_pit(&receiver, replica.clone(), _guard.clone(), &server, volume, job, true, pit_tx.clone());
+                                }
+                                Err(message) => {
+                                    error!(volume = %volume, epoch, "{message}");
+                                    session.pit_taken(epoch, PitOutcome::Failed { message });
+                                }
+                            }
+                        }
                     }
                 }
                 _ = tick.tick() => {}
