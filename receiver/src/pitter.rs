@@ -134,12 +134,7 @@ pub fn take_pit(
     volume: &VolumeName,
     label: Option<String>,
 ) -> anyhow::Result<TakenPit> {
-    let job = {
-        let mut r = replica
-            .lock()
-            .map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
-        start_pit(&mut r, server, volume, label)?
-    };
+    let job = start_pit(&mut *lock(replica)?, server, volume, label)?;
     finish_pit(rt, store, replica, job, &AtomicBool::new(false), None)
 }
 

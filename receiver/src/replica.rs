@@ -955,6 +955,17 @@ impl Replica {
             rec.extend_from_slice(&i.to_le_bytes());
             rec.extend_from_slice(&d.0);
         }
+        self.journal_delta_bytes += self.append_journal_record(rec)?;
+        let index_bytes = self.index.block_count() * BlockHash::LEN as u64;
+        if self.journal_delta_bytes >= index_bytes.clamp(DELTA_COMMIT_MIN, DELTA_COMMIT_MAX) {
+            self.commit_index()?;
+        }
+        Ok(())
+    }
+
+    /// Seals `rec` with its checksum (the first 16 bytes of BLAKE3 over it),
+    /// appends it to the journal and `fdatasync`s; returns its length.
+    fn append_journal_record(&mut self, mut rec: Vec<u8>) -> Result<u64, ReplicaError> {
         let sum = blake3::hash(&rec);
         rec.extend_from_slice(&sum.as_bytes()[..16]);
         self.journal
@@ -965,12 +976,7 @@ impl Replica {
                 path: self.paths.journal.clone(),
                 source,
             })?;
-        self.journal_delta_bytes += rec.len() as u64;
-        let index_bytes = self.index.block_count() * BlockHash::LEN as u64;
-        if self.journal_delta_bytes >= index_bytes.clamp(DELTA_COMMIT_MIN, DELTA_COMMIT_MAX) {
-            self.commit_index()?;
-        }
-        Ok(())
+        Ok(rec.len() as u64)
     }
 
     fn append_intent(&mut self, generation: u64, indexes: &[u64]) -> Result<(), ReplicaError> {
@@ -981,16 +987,7 @@ impl Replica {
         for i in indexes {
             rec.extend_from_slice(&i.to_le_bytes());
         }
-        let sum = blake3::hash(&rec);
-        rec.extend_from_slice(&sum.as_bytes()[..16]);
-        self.journal
-            .write_all(&rec)
-            .and_then(|_| self.journal.sync_data())
-            .map_err(|source| ReplicaError::Metadata {
-                what: "cannot append to journal",
-                path: self.paths.journal.clone(),
-                source,
-            })?;
+        self.append_journal_record(rec)?;
         self.journal_blocks += indexes.len();
         Ok(())
     }

@@ -12,15 +12,13 @@
 //! what the test wrote.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use lifeboat_protocol::{BlockHash, BlockSize, ServerName, VolumeGeometry, VolumeName};
 use lifeboat_receiver::pit::{write_manifest, NewPit, PitId, PitManifest};
 use lifeboat_receiver::store::{chunk_key, S3Settings, Store, StoreUrl};
-use lifeboat_tests::{binaries, run, Outcome, Receiver, SERVER};
+use lifeboat_tests::{walk_files, Outcome, Receiver, SERVER};
 
 const BLOCKS: u64 = 64;
 const BS: usize = 4096;
@@ -119,12 +117,6 @@ async fn write_timeline(
     out
 }
 
-fn receiver(rx: &Receiver, args: &[&str]) -> Outcome {
-    let mut all: Vec<&OsStr> = vec![OsStr::new(args[0]), OsStr::new("--dir"), rx.dir.as_os_str()];
-    all.extend(args[1..].iter().map(OsStr::new));
-    run(&binaries().receiver, all, Duration::from_secs(120))
-}
-
 fn ok(o: Outcome, what: &str) -> Outcome {
     assert!(
         o.status.success(),
@@ -137,39 +129,22 @@ fn ok(o: Outcome, what: &str) -> Outcome {
 }
 
 fn listed_ids(rx: &Receiver, volume: &str) -> Vec<String> {
-    let o = ok(
-        receiver(
-            rx,
-            &["pits", "--server", SERVER, "--volume", volume, "--json"],
-        ),
-        "pits",
-    );
-    let list: Vec<serde_json::Value> = serde_json::from_str(&o.stdout)
-        .unwrap_or_else(|e| panic!("pits --json is not a JSON array ({e}): {}", o.stdout));
-    list.iter()
+    rx.pits_json(volume)
+        .iter()
         .map(|p| p["id"].as_str().expect("id").to_string())
         .collect()
 }
 
 /// Every file under `dir`, relative, with its content.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).expect("under dir").to_path_buf();
-                out.insert(rel, std::fs::read(&p).expect("read"));
-            }
-        }
-    }
-    out
+    walk_files(dir)
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(dir).expect("under dir").to_path_buf();
+            let bytes = std::fs::read(&p).expect("read");
+            (rel, bytes)
+        })
+        .collect()
 }
 
 fn chunk_files(store_dir: &Path) -> BTreeSet<String> {
@@ -259,7 +234,7 @@ fn gc_keeps_what_retention_says_and_deletes_exactly_the_unreferenced() {
     // 1. A dry run changes nothing and lists what would go.
     let before = snapshot(&store_dir);
     let o = ok(
-        receiver(&rx, &["gc", "--now", now, "--grace", "0s", "--dry-run"]),
+        rx.command(&["gc", "--now", now, "--grace", "0s", "--dry-run"]),
         "gc --dry-run",
     );
     assert_eq!(snapshot(&store_dir), before, "a dry run changed the store");
@@ -300,7 +275,7 @@ fn gc_keeps_what_retention_says_and_deletes_exactly_the_unreferenced() {
         ))
         .expect("lease");
     let o = ok(
-        receiver(&rx, &["gc", "--now", now, "--grace", "0s"]),
+        rx.command(&["gc", "--now", now, "--grace", "0s"]),
         "gc with a lease",
     );
     assert!(
@@ -322,14 +297,14 @@ fn gc_keeps_what_retention_says_and_deletes_exactly_the_unreferenced() {
     let lock = serde_json::json!({"started_unix_ms": now_ms(), "pid": 1, "holder": "gc"});
     rt.block_on(store.put_new("locks/gc", Bytes::from(lock.to_string())))
         .expect("lock");
-    let o = receiver(&rx, &["gc", "--now", now, "--grace", "0s"]);
+    let o = rx.command(&["gc", "--now", now, "--grace", "0s"]);
     let err = o.expect_failure();
     assert!(err.contains("locks/gc"), "{err}");
     rt.block_on(store.delete("locks/gc")).expect("unlock");
 
     // 4. For real, as JSON: exactly the unreferenced chunks go.
     let o = ok(
-        receiver(&rx, &["gc", "--now", now, "--grace", "0s", "--json"]),
+        rx.command(&["gc", "--now", now, "--grace", "0s", "--json"]),
         "gc",
     );
     let report: serde_json::Value = serde_json::from_str(&o.stdout)
@@ -353,12 +328,9 @@ fn gc_keeps_what_retention_says_and_deletes_exactly_the_unreferenced() {
         let out = rx.tmp.path().join(format!("launch-{n}.img"));
         let out_s = out.to_str().expect("utf-8");
         ok(
-            receiver(
-                &rx,
-                &[
-                    "launch", "--server", SERVER, "--volume", volume, "--at", &w.id, "--out", out_s,
-                ],
-            ),
+            rx.command(&[
+                "launch", "--server", SERVER, "--volume", volume, "--at", &w.id, "--out", out_s,
+            ]),
             &format!("launch of {}", w.id),
         );
         let got = std::fs::read(&out).expect("read launched image");
@@ -371,26 +343,23 @@ fn gc_keeps_what_retention_says_and_deletes_exactly_the_unreferenced() {
     }
     // An expired PIT is gone for launch too.
     let out = rx.tmp.path().join("expired.img");
-    let o = receiver(
-        &rx,
-        &[
-            "launch",
-            "--server",
-            SERVER,
-            "--volume",
-            "data",
-            "--at",
-            &expired[0].id,
-            "--out",
-            out.to_str().expect("utf-8"),
-        ],
-    );
+    let o = rx.command(&[
+        "launch",
+        "--server",
+        SERVER,
+        "--volume",
+        "data",
+        "--at",
+        &expired[0].id,
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
     assert!(o.expect_failure().contains(&expired[0].id));
 
     // 5. A second run finds nothing to do.
     let before = snapshot(&store_dir);
     let o = ok(
-        receiver(&rx, &["gc", "--now", now, "--grace", "0s"]),
+        rx.command(&["gc", "--now", now, "--grace", "0s"]),
         "gc again",
     );
     assert!(

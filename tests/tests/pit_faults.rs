@@ -5,13 +5,13 @@
 //! The PIT rate cap (`pit_max_rate` in receiver.toml) keeps a PIT in
 //! progress long enough to be interrupted, without a large volume.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::{
-    assert_identical, attach, loop_unavailable, poll, run_sync, skip, write_random_image, Receiver,
-    Sync, BLOCK,
+    assert_identical, attach, loop_unavailable, poll, run_sync, skip, walk_files,
+    write_random_image, Receiver, Sync, BLOCK,
 };
 
 /// A receiver with `extra` appended to its receiver.toml, serving.
@@ -28,26 +28,6 @@ fn launch(rx: &Receiver, volume: &str, at: &str, out: &Path) {
     assert!(o.status.success(), "launch --at {at} failed: {}", o.stderr);
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn receiver_killed_mid_pit_leaves_no_partial_pit_and_the_next_succeeds() {
     // 4 MiB/s over ~14 MiB of random blocks: the PIT takes a few seconds.
@@ -61,11 +41,11 @@ fn receiver_killed_mid_pit_leaves_no_partial_pit_and_the_next_succeeds() {
     // The PIT is being written: chunks arrive, no manifest yet.
     let store = rx.dir.join("store");
     let writing = poll(Duration::from_secs(60), || {
-        files_under(&store.join("chunks")).len() >= 8
+        walk_files(&store.join("chunks")).len() >= 8
     });
     assert!(writing, "no PIT chunks appeared; log:\n{}", rx.log());
     assert!(
-        files_under(&store.join("pits")).is_empty(),
+        walk_files(&store.join("pits")).is_empty(),
         "the PIT finished before the test could interrupt it"
     );
     rx.kill9();
