@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use lifeboat_agent::scan::ScanOptions;
 use lifeboat_agent::state::DEFAULT_STATE_DIR;
-use lifeboat_agent::sync::{SyncOptions, SyncSummary};
+use lifeboat_agent::sync::{RateCap, SyncOptions, SyncSummary};
 use lifeboat_protocol::geometry::{format_size, parse_size};
 use lifeboat_protocol::{BlockSize, Bundle, VolumeName};
 
@@ -200,7 +200,7 @@ fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
         block_size: args.block_size,
         state_dir: args.state_dir,
         resize: args.resize,
-        max_rate: args.max_rate,
+        max_rate: RateCap::new(args.max_rate),
         streams: args.streams as usize,
         connect_attempts: args.connect_attempts,
         scan,
@@ -235,6 +235,7 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
     }
     let bundle = load_bundle(&args.bundle)?;
     let scan = scan_options(args.threads);
+    let rate = RateCap::new(args.max_rate);
     let volumes = args
         .volume
         .iter()
@@ -246,7 +247,7 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
             block_size: args.block_size,
             state_dir: args.state_dir.clone(),
             resize: args.resize,
-            max_rate: args.max_rate,
+            max_rate: rate.clone(),
             streams: args.streams as usize,
             connect_attempts: u32::MAX,
             scan: scan.clone(),
