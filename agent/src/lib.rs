@@ -1,6 +1,7 @@
 //! The Lifeboat agent: finds the changed blocks of a source server's volumes and
 //! replicates them to the receiver over QUIC with mutual TLS.
 //!
+//! - [`config`]: `agent.toml`, the configuration file `install` writes and `run` reads.
 //! - [`volume`]: the source volume, a file or block device opened read-only.
 //! - [`scan`]: the hot path: read, hash, compare with a reference, compress.
 //! - [`state`]: the agent's persisted hash index.
@@ -8,6 +9,7 @@
 //! - [`sync`]: one replication pass, tying them together.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod freeze;
 pub mod progress;
 pub mod run;
