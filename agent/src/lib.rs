@@ -1,6 +1,8 @@
 //! The Lifeboat agent: finds the changed blocks of a source server's volumes and
 //! replicates them to the receiver over QUIC with mutual TLS.
 //!
+//! - [`config`]: `agent.toml`, the configuration file `install` writes and `run` reads.
+//! - [`install`]: the checks `lifeboat-agent install` makes before writing it.
 //! - [`volume`]: the source volume, a file or block device opened read-only.
 //! - [`scan`]: the hot path: read, hash, compare with a reference, compress.
 //! - [`state`]: the agent's persisted hash index.
@@ -8,7 +10,9 @@
 //! - [`sync`]: one replication pass, tying them together.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod freeze;
+pub mod install;
 pub mod progress;
 pub mod run;
 pub mod scan;

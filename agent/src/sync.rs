@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,8 +61,9 @@ pub struct SyncOptions {
     pub state_dir: PathBuf,
     /// Accept a volume whose size or block size changed since the last sync.
     pub resize: bool,
-    /// Cap on data sent, in bytes per second.
-    pub max_rate: Option<u64>,
+    /// Cap on data sent, in bytes per second; shared with whoever may change
+    /// it while the pass runs (`run` on SIGHUP).
+    pub max_rate: RateCap,
     /// Parallel data streams.
     pub streams: usize,
     /// Connection attempts (first connect and each reconnect) before giving up.
@@ -205,7 +206,7 @@ pub struct Replicator {
     pub summary: SyncSummary,
     next_epoch: u64,
     replica_epoch_at_open: u64,
-    rate: Option<RateLimiter>,
+    rate: RateLimiter,
     last_save: Instant,
     /// Ask for a PIT with the closing flush of each pass.
     pit_ask: Option<PitAsk>,
@@ -289,7 +290,7 @@ impl Replicator {
             }
         };
         Ok(Replicator {
-            rate: opts.max_rate.map(RateLimiter::new),
+            rate: RateLimiter::new(opts.max_rate.clone()),
             pit_ask: opts.pit.clone(),
             opts,
             volume,
@@ -912,7 +913,7 @@ async fn drive(
     opts: &SyncOptions,
     summary: &mut SyncSummary,
     index_path: &std::path::Path,
-    rate: &mut Option<RateLimiter>,
+    rate: &mut RateLimiter,
     last_save: &mut Instant,
 ) -> Result<u64, LinkError> {
     let block_size = index.geometry.block_size.get() as u64;
@@ -993,9 +994,7 @@ async fn drive(
                     }
                     None => pass.scan_done = true,
                     Some(b) => {
-                        if let Some(rate) = rate.as_mut() {
-                            rate.take(b.payload.len()).await;
-                        }
+                        rate.take(b.payload.len()).await;
                         summary.changed_bytes += b.raw_len as u64;
                         summary.sent_bytes += b.payload.len() as u64;
                         summary.sent_blocks += 1;
@@ -1064,17 +1063,41 @@ pub fn encode_block(b: &ChangedBlock, epoch: u64) -> WireBlock {
     }
 }
 
-/// A token bucket for `--max-rate`.
+/// A cap on the bytes sent per second, or none. Clones share one value, so
+/// a change made through any clone applies to every pass holding one from
+/// its next block on.
+#[derive(Clone, Debug, Default)]
+pub struct RateCap(Arc<AtomicU64>);
+
+impl RateCap {
+    /// A cap of `bytes_per_sec` (`None` or 0: no cap).
+    pub fn new(bytes_per_sec: Option<u64>) -> RateCap {
+        RateCap(Arc::new(AtomicU64::new(bytes_per_sec.unwrap_or(0))))
+    }
+
+    /// The cap now, if any.
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&r| r > 0)
+    }
+
+    /// Changes the cap (`None` or 0: no cap) for every clone.
+    pub fn set(&self, bytes_per_sec: Option<u64>) {
+        self.0.store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+/// A token bucket for `--max-rate`, reading its rate from a [`RateCap`] at
+/// every block so a new cap applies at once.
 struct RateLimiter {
-    rate: f64,
+    cap: RateCap,
     tokens: f64,
     last: Instant,
 }
 
 impl RateLimiter {
-    fn new(bytes_per_sec: u64) -> Self {
+    fn new(cap: RateCap) -> Self {
         RateLimiter {
-            rate: bytes_per_sec.max(1) as f64,
+            cap,
             tokens: 0.0,
             last: Instant::now(),
         }
@@ -1082,13 +1105,47 @@ impl RateLimiter {
 
     async fn take(&mut self, n: usize) {
         let now = Instant::now();
+        let Some(rate) = self.cap.get() else {
+            self.tokens = 0.0;
+            self.last = now;
+            return;
+        };
+        let rate = rate as f64;
         // Burst of at most a quarter second.
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
-            .min(self.rate / 4.0);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate / 4.0);
         self.last = now;
         self.tokens -= n as f64;
         if self.tokens < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / self.rate)).await;
+            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / rate)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rate_limiter_follows_its_cap() {
+        let cap = RateCap::new(Some(1 << 20));
+        let mut limiter = RateLimiter::new(cap.clone());
+        // 256 KiB at 1 MiB/s from an empty bucket: about a quarter second.
+        let started = Instant::now();
+        limiter.take(256 << 10).await;
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // Raised through a clone: the same amount now takes a few ms.
+        cap.set(Some(1 << 30));
+        assert_eq!(cap.get(), Some(1 << 30));
+        limiter.take(0).await;
+        let started = Instant::now();
+        limiter.take(256 << 10).await;
+        assert!(started.elapsed() < Duration::from_millis(150));
+        // Lifted: no wait at all, however much is sent.
+        cap.set(None);
+        assert_eq!(cap.get(), None);
+        let started = Instant::now();
+        limiter.take(1 << 30).await;
+        assert!(started.elapsed() < Duration::from_millis(150));
     }
 }
