@@ -92,6 +92,10 @@ struct RunArgs {
     /// Threads hashing and compressing during full passes [default: the number of cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (TCP, e.g.
+    /// 127.0.0.1:9651) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -263,7 +267,12 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
         freeze: args.freeze,
     };
     let runtime = async_runtime()?;
+    let metrics_listen = args.metrics_listen;
     runtime.block_on(async move {
+        let metrics = match metrics_listen {
+            Some(addr) => Some(serve_metrics(addr).await?),
+            None => None,
+        };
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut term =
@@ -281,8 +290,26 @@ fn run_continuous(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!("stop requested");
             let _ = tx.send(true);
         });
-        lifeboat_agent::run::run(volumes, ro, rx).await
+        lifeboat_agent::run::run_with_metrics(volumes, ro, rx, metrics).await
     })
+}
+
+/// Binds `addr` and serves the agent's metrics there for the life of the
+/// process.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<std::sync::Arc<lifeboat_telemetry::ReplicationMetrics>> {
+    use lifeboat_telemetry::http::{with_metrics, HttpServer};
+    let metrics = std::sync::Arc::new(lifeboat_telemetry::ReplicationMetrics::new(false));
+    let server = HttpServer::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics (--metrics-listen)"))?;
+    let local = server.local_addr();
+    server.spawn(with_metrics(metrics.clone(), None));
+    tracing::info!(listen = %local, "metrics at /metrics");
+    // Scripts and tests read the bound port from this line.
+    println!("metrics on http://{local}/metrics");
+    Ok(metrics)
 }
 
 fn load_bundle(path: &std::path::Path) -> anyhow::Result<Bundle> {
