@@ -420,9 +420,9 @@ pub fn parse_metrics_listen(text: &str) -> Result<Option<SocketAddr>, String> {
     if t.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    t.parse::<SocketAddr>()
-        .map(Some)
-        .map_err(|_| format!("{t:?} is not host:port with an IP address (e.g. \"127.0.0.1:9650\") nor \"off\""))
+    t.parse::<SocketAddr>().map(Some).map_err(|_| {
+        format!("{t:?} is not host:port with an IP address (e.g. \"127.0.0.1:9650\") nor \"off\"")
+    })
 }
 
 /// DRS's default PIT interval: ten minutes.
@@ -689,8 +689,12 @@ impl ReceiverConfig {
 
     /// Where `serve` serves metrics and the status page; `None` for "off".
     pub fn metrics_listen(&self) -> Option<SocketAddr> {
-        parse_metrics_listen(self.metrics_listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN))
-            .unwrap_or(None)
+        parse_metrics_listen(
+            self.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )
+        .unwrap_or(None)
     }
 
     /// How often `serve` runs retention and gc; `None` for "0s" (never).

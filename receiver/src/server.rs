@@ -961,7 +961,9 @@ async fn accept_data_streams(
         let metrics = metrics.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = read_data_stream(stream, geometry, &apply_tx, &report_tx, &metrics).await {
+                if let Err(e) =
+                    read_data_stream(stream, geometry, &apply_tx, &report_tx, &metrics).await
+                {
                     error!("data stream: {e:#}");
                     conn.close(2u32.into(), format!("{e:#}").as_bytes());
                 }

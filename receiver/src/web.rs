@@ -290,7 +290,9 @@ impl Telemetry {
             let snap = me.snapshot();
             Box::pin(async move {
                 match req.path.as_str() {
-                    "/" | "/index.html" => Reply::ok("text/html; charset=utf-8", render_page(&snap)),
+                    "/" | "/index.html" => {
+                        Reply::ok("text/html; charset=utf-8", render_page(&snap))
+                    }
                     "/api/status" => match serde_json::to_vec_pretty(&*snap) {
                         Ok(body) => Reply::ok("application/json", body),
                         Err(e) => Reply::text(500, format!("cannot encode the status: {e}\n")),
@@ -329,9 +331,8 @@ impl Telemetry {
             }
             Err(_) => return,
         };
-        let changed: HashSet<(String, String)> = std::mem::take(
-            &mut *self.pits_changed.lock().unwrap_or_else(|e| e.into_inner()),
-        );
+        let changed: HashSet<(String, String)> =
+            std::mem::take(&mut *self.pits_changed.lock().unwrap_or_else(|e| e.into_inner()));
         let mut views = Vec::with_capacity(rows.len());
         for row in rows {
             let StatusRow::Volume(v) = &row else {
@@ -505,7 +506,7 @@ fn esc(s: &str) -> String {
 const PAGE_STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}\
 h1{font-size:1.4em;margin:0 0 .2em}.meta{color:#666;font-size:.9em;margin-bottom:1em}\
 table{border-collapse:collapse;background:#fff;margin-bottom:1.5em}\
-th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;font-size:.92em}\
+th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;font-size:.92em;white-space:nowrap}\
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}\
 .state{font-weight:600;padding:.1em .45em;border-radius:.3em}\
 .s-CONTINUOUS{background:#cfeccf}.s-INITIAL_SYNC,.s-RESCAN{background:#d6e6fa}\
@@ -646,7 +647,12 @@ pub fn render_page(snap: &StatusSnapshot) -> String {
 
 /// Plain HTTP GET of `path` on `addr` (loopback, no keep-alive): the body of
 /// a `200` answer, at most `limit` bytes, within `timeout` per step.
-fn http_get(addr: SocketAddr, path: &str, timeout: Duration, limit: u64) -> std::io::Result<Vec<u8>> {
+fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    limit: u64,
+) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -660,7 +666,10 @@ fn http_get(addr: SocketAddr, path: &str, timeout: Duration, limit: u64) -> std:
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let status_line = raw[..split].split(|&b| b == b'\n').next().unwrap_or_default();
+    let status_line = raw[..split]
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
     if !status_line.starts_with(b"HTTP/1.1 200") {
         return Err(std::io::Error::other("not a 200 answer"));
     }
@@ -680,7 +689,8 @@ pub fn query_status(dir: &Path) -> Option<Vec<StatusRow>> {
     }
     // A snapshot not refreshed for a while belongs to a wedged sampler: the
     // files know better.
-    let age = unix_ms(SystemTime::now()).saturating_sub(v["receiver"]["generated_at_unix_ms"].as_u64()?);
+    let age =
+        unix_ms(SystemTime::now()).saturating_sub(v["receiver"]["generated_at_unix_ms"].as_u64()?);
     if age > 10_000 {
         return None;
     }
@@ -742,7 +752,7 @@ mod tests {
             volume: "data".into(),
             error: "cannot read status file x: <oops>".into(),
         };
-        let pits = vec![pit("a1", 1_700_000_000_000), pit("b2", 1_700_000_060_000)];
+        let pits = [pit("a1", 1_700_000_000_000), pit("b2", 1_700_000_060_000)];
         StatusSnapshot {
             receiver: ReceiverInfo {
                 dir: "/srv/lifeboat".into(),
@@ -781,7 +791,13 @@ mod tests {
     fn api_shape_keeps_the_status_rows_verbatim() {
         let snap = snapshot();
         let v: serde_json::Value = serde_json::to_value(&snap).unwrap();
-        for key in ["dir", "store", "version", "generated_at", "generated_at_unix_ms"] {
+        for key in [
+            "dir",
+            "store",
+            "version",
+            "generated_at",
+            "generated_at_unix_ms",
+        ] {
             assert!(!v["receiver"][key].is_null(), "{key}: {v}");
         }
         let vols = v["volumes"].as_array().unwrap();
@@ -830,9 +846,18 @@ mod tests {
         );
         assert!(page.contains("3.0 MiB/s"), "{page}");
         assert!(page.contains("--at b2 --out recovered.img"), "{page}");
-        assert!(page.contains("web-&lt;2&gt;") && !page.contains("web-<2>"), "{page}");
-        assert!(page.contains("&lt;oops&gt;") && page.contains("&lt;b&gt;"), "{page}");
-        assert!(!page.contains("src=") && !page.contains("href=\"http"), "no external assets");
+        assert!(
+            page.contains("web-&lt;2&gt;") && !page.contains("web-<2>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("&lt;oops&gt;") && page.contains("&lt;b&gt;"),
+            "{page}"
+        );
+        assert!(
+            !page.contains("src=") && !page.contains("href=\"http"),
+            "no external assets"
+        );
         let empty = StatusSnapshot {
             volumes: vec![],
             ..snapshot()
@@ -847,10 +872,7 @@ mod tests {
             "lifeboat-receiver launch --dir '/srv/my dir' --server s --volume v --at id --out recovered.img"
         );
         assert_eq!(shell_word("it's"), r"'it'\''s'");
-        assert_eq!(
-            initial_sync_ratio(VolumeState::InitialSync, 0.5, 0),
-            0.5
-        );
+        assert_eq!(initial_sync_ratio(VolumeState::InitialSync, 0.5, 0), 0.5);
         assert_eq!(initial_sync_ratio(VolumeState::Disconnected, 0.0, 3), 1.0);
         assert_eq!(initial_sync_ratio(VolumeState::Disconnected, 0.3, 0), 0.0);
     }
@@ -892,7 +914,10 @@ mod tests {
         .await
         .unwrap();
         let text = String::from_utf8(body).unwrap();
-        assert!(text.contains(r#"lifeboat_sent_bytes_total{server="web-1",volume="root"} 9"#), "{text}");
+        assert!(
+            text.contains(r#"lifeboat_sent_bytes_total{server="web-1",volume="root"} 9"#),
+            "{text}"
+        );
         drop(guard);
         assert!(!dir.path().join(HTTP_ADDR_FILE).exists());
     }

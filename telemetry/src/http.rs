@@ -197,10 +197,7 @@ async fn respond(req: hyper::Request<Incoming>, handler: &Handler) -> hyper::Res
 
 /// A handler serving `metrics` at `/metrics` and passing everything else to
 /// `rest`.
-pub fn with_metrics(
-    metrics: Arc<crate::ReplicationMetrics>,
-    rest: Option<Handler>,
-) -> Handler {
+pub fn with_metrics(metrics: Arc<crate::ReplicationMetrics>, rest: Option<Handler>) -> Handler {
     Arc::new(move |req: Request| {
         if req.path == "/metrics" {
             let body = metrics.render();
@@ -242,14 +239,22 @@ mod tests {
         let addr = server.local_addr();
         let task = server.spawn(with_metrics(metrics, None));
 
-        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let r = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.contains("application/openmetrics-text"), "{r}");
         assert!(
             r.contains(r#"lifeboat_sent_bytes_total{server="web-1",volume="root"} 5"#),
             "{r}"
         );
-        let r = exchange(addr, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let r = exchange(
+            addr,
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
         let r = exchange(
             addr,
@@ -266,7 +271,11 @@ mod tests {
         big.extend(b"\r\n\r\n");
         let r = exchange(addr, &big).await;
         assert!(!r.contains("200 OK"), "{r}");
-        let r = exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let r = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         task.abort();
     }

@@ -171,7 +171,7 @@ impl ReplicationMetrics {
             "Blocks or epochs that failed to replicate or to apply (rejected, failed, retried)",
             m.apply_errors.clone(),
         );
-        r.register_collector(Box::new(process::ProcessCollector::default()));
+        r.register_collector(Box::new(process::ProcessCollector));
         ReplicationMetrics { registry: r, ..m }
     }
 
@@ -388,9 +388,8 @@ mod tests {
         assert_eq!(states.len(), STATES.len(), "{text}");
         for s in STATES {
             let want = if s == "CONTINUOUS" { 1 } else { 0 };
-            let line = format!(
-                r#"lifeboat_state{{server="web-1",volume="root",state="{s}"}} {want}"#
-            );
+            let line =
+                format!(r#"lifeboat_state{{server="web-1",volume="root",state="{s}"}} {want}"#);
             assert!(states.contains(&line.as_str()), "{line}: {states:?}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
@@ -405,7 +404,11 @@ mod tests {
         a.set_state("RESCAN");
         a.set_state("NOT_A_STATE");
         let b = m.volume("s", "v");
-        assert_eq!(b.state(), Some("RESCAN"), "an existing volume keeps its state");
+        assert_eq!(
+            b.state(),
+            Some("RESCAN"),
+            "an existing volume keeps its state"
+        );
         b.add_replicated_bytes(7);
         assert_eq!(a.replicated_bytes(), 7);
         let text = m.render();

@@ -51,9 +51,7 @@ pub fn parse_btime(text: &str) -> Option<u64> {
 
 /// A `Vm*:   1234 kB` line of `/proc/<pid>/status`, in bytes.
 pub fn parse_status_kib(text: &str, key: &str) -> Option<u64> {
-    let line = text
-        .lines()
-        .find(|l| l.split(':').next() == Some(key))?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(key))?;
     let v = line.split(':').nth(1)?.trim();
     let kib: u64 = v.strip_suffix("kB").unwrap_or(v).trim().parse().ok()?;
     Some(kib * 1024)

@@ -79,11 +79,7 @@ fn receiver_http(rx: &Receiver) -> SocketAddr {
 }
 
 /// Polls `addr`'s `/metrics` until `cond` holds; returns the last scrape.
-fn scrape_until(
-    addr: SocketAddr,
-    what: &str,
-    mut cond: impl FnMut(&str) -> bool,
-) -> String {
+fn scrape_until(addr: SocketAddr, what: &str, mut cond: impl FnMut(&str) -> bool) -> String {
     let mut last = String::new();
     let ok = poll(MOVE_TIMEOUT, || {
         last = http_get(addr, "/metrics").unwrap_or_default();
@@ -222,13 +218,22 @@ fn metrics_move_while_replicating_and_report_pits() {
         state_is(t, "data", "CONTINUOUS")
     });
     check_names(&r, "data", true);
-    for state in ["INITIAL_SYNC", "RESCAN", "BACKLOG", "STALLED", "DISCONNECTED"] {
+    for state in [
+        "INITIAL_SYNC",
+        "RESCAN",
+        "BACKLOG",
+        "STALLED",
+        "DISCONNECTED",
+    ] {
         assert!(!state_is(&r, "data", state), "{state} is 1 too:\n{r}");
     }
     let (a_repl, a_sent) = counters(&a, "data");
     let (r_repl, r_sent) = counters(&r, "data");
     assert!(a_repl > 0.0 && a_sent > 0.0, "agent counted nothing:\n{a}");
-    assert!(r_repl > 0.0 && r_sent > 0.0, "receiver counted nothing:\n{r}");
+    assert!(
+        r_repl > 0.0 && r_sent > 0.0,
+        "receiver counted nothing:\n{r}"
+    );
     assert!(
         r_sent <= r_repl,
         "mixed data compresses: sent {r_sent} <= replicated {r_repl}"
@@ -308,10 +313,14 @@ fn metrics_server_rejects_what_it_does_not_serve() {
         let _ = s.take(1 << 20).read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
     };
-    assert!(send(b"DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .starts_with("HTTP/1.1 405"));
-    assert!(send(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .starts_with("HTTP/1.1 404"));
+    assert!(
+        send(b"DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .starts_with("HTTP/1.1 405")
+    );
+    assert!(
+        send(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .starts_with("HTTP/1.1 404")
+    );
     let garbage = send(b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
     assert!(!garbage.contains(" 200 "), "{garbage}");
     let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();

@@ -140,7 +140,10 @@ fn status_page_shows_a_replicating_volume_in_chromium() {
         }
         ok
     });
-    assert!(ready, "the API never showed a CONTINUOUS volume with a PIT: {api}");
+    assert!(
+        ready,
+        "the API never showed a CONTINUOUS volume with a PIT: {api}"
+    );
     let newest = api["volumes"][0]["last_pit"]["id"]
         .as_str()
         .expect("a PIT id")
@@ -175,8 +178,8 @@ fn status_page_shows_a_replicating_volume_in_chromium() {
         ],
         &url,
     );
-    let png = std::fs::read(&shot)
-        .unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
+    let png =
+        std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
     assert!(png.len() > 1000, "screenshot is {} bytes", png.len());
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
     println!("status page screenshot: {}", shot.display());
