@@ -144,10 +144,6 @@ fn status_page_shows_a_replicating_volume_in_chromium() {
         ready,
         "the API never showed a CONTINUOUS volume with a PIT: {api}"
     );
-    let newest = api["volumes"][0]["last_pit"]["id"]
-        .as_str()
-        .expect("a PIT id")
-        .to_string();
 
     let profile = rx.tmp.path().join("chromium-profile");
     let url = format!("http://{addr}/");
@@ -158,12 +154,33 @@ fn status_page_shows_a_replicating_volume_in_chromium() {
         "<td class=\"volume-name\">data</td>".to_string(),
         "class=\"state s-CONTINUOUS\">CONTINUOUS</span>".to_string(),
         "class=\"pit-list\"".to_string(),
-        format!("--server {SERVER} --volume data --at {newest} --out recovered.img"),
+        format!(
+            "lifeboat-receiver launch --dir {} --server {SERVER} --volume data --at ",
+            rx.dir.display()
+        ),
         "http-equiv=\"refresh\"".to_string(),
     ] {
         assert!(dom.contains(&needle), "the DOM lacks {needle:?}:\n{dom}");
     }
-    assert!(dom.contains("lifeboat-receiver launch --dir "), "{dom}");
+    // The launch command names the newest PIT of the list (PITs keep coming:
+    // one per epoch here, so the id is read from the page itself), which the
+    // store knows.
+    let at = dom
+        .split("--at ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("an --at in the launch command");
+    let first_row = dom
+        .split("class=\"pit-list\"")
+        .nth(1)
+        .and_then(|r| r.split("<tr><td><code>").nth(1))
+        .and_then(|r| r.split("</code>").next())
+        .expect("a row in the PIT list");
+    assert_eq!(at, first_row, "launch names the newest PIT:\n{dom}");
+    assert!(
+        rx.pits_json("data").iter().any(|p| p["id"] == at),
+        "PIT {at} is not in the store"
+    );
 
     let shot_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&shot_dir).unwrap();
