@@ -123,6 +123,10 @@ struct RunArgs {
     /// Threads hashing and compressing during full passes [default: the number of cores].
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (TCP, e.g.
+    /// 127.0.0.1:9651) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -588,12 +592,17 @@ fn run_continuous(
         log,
     };
     let runtime = async_runtime()?;
+    let metrics_listen = args.metrics_listen;
     runtime.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         // Installed before any volume starts, so an early SIGHUP is handled
         // rather than killing the process (its default action).
         let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let metrics = match metrics_listen {
+            Some(addr) => Some(serve_metrics(addr).await?),
+            None => None,
+        };
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             loop {
@@ -606,7 +615,7 @@ fn run_continuous(
             info!("stop requested");
             let _ = tx.send(true);
         });
-        lifeboat_agent::run::run(volumes, ro, rx).await
+        lifeboat_agent::run::run_with_metrics(volumes, ro, rx, metrics).await
     })
 }
 
@@ -730,6 +739,24 @@ fn install(args: InstallArgs, volumes: Vec<(PathBuf, Option<VolumeName>)>) -> an
     println!("  systemctl enable --now lifeboat-agent");
     println!("(if it is already running: systemctl restart lifeboat-agent)");
     Ok(())
+}
+
+/// Binds `addr` and serves the agent's metrics there for the life of the
+/// process.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<std::sync::Arc<lifeboat_telemetry::ReplicationMetrics>> {
+    use lifeboat_telemetry::http::{with_metrics, HttpServer};
+    let metrics = std::sync::Arc::new(lifeboat_telemetry::ReplicationMetrics::new(false));
+    let server = HttpServer::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics (--metrics-listen)"))?;
+    let local = server.local_addr();
+    server.spawn(with_metrics(metrics.clone(), None));
+    tracing::info!(listen = %local, "metrics at /metrics");
+    // Scripts and tests read the bound port from this line.
+    println!("metrics on http://{local}/metrics");
+    Ok(metrics)
 }
 
 fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {

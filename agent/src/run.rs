@@ -26,6 +26,11 @@
 //! Lag is the age of the oldest change not yet durable on the receiver (the
 //! time its write was first seen by the agent); backlog is the size of the
 //! dirty blocks not yet acknowledged.
+//!
+//! With `--metrics-listen`, the same values go to Prometheus metrics
+//! ([`AgentMetrics`]): state, lag and backlog at each status report; bytes
+//! sent and made durable, rescans and failed epochs as passes end (the
+//! counters move once per epoch, or at the end of a long full pass).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,15 +97,26 @@ pub async fn run(
     ro: RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    run_with_metrics(volumes, ro, shutdown, None).await
+}
+
+/// [`run`], recording metrics of every volume in `metrics`.
+pub async fn run_with_metrics(
+    volumes: Vec<SyncOptions>,
+    ro: RunOptions,
+    shutdown: watch::Receiver<bool>,
+    metrics: Option<Arc<lifeboat_telemetry::ReplicationMetrics>>,
+) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for opts in volumes {
         let ro = ro.clone();
         let shutdown = shutdown.clone();
+        let am = AgentMetrics::new(metrics.as_deref(), &opts);
         let span = info_span!("volume", name = %opts.name, path = %opts.volume_path.display());
         tasks.spawn(
             async move {
                 let name = opts.name.clone();
-                replicate_volume(opts, ro, shutdown)
+                replicate_volume(opts, ro, shutdown, am)
                     .await
                     .with_context(|| format!("volume {name}"))
             }
@@ -123,6 +139,77 @@ pub async fn run(
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// One volume's metrics, fed from the [`Replicator`]'s counters (it counts
+/// per pass; the deltas since the last look go to the Prometheus counters).
+struct AgentMetrics {
+    volume: Option<lifeboat_telemetry::VolumeMetrics>,
+    sent_seen: u64,
+    durable_seen: u64,
+}
+
+impl AgentMetrics {
+    fn new(metrics: Option<&lifeboat_telemetry::ReplicationMetrics>, opts: &SyncOptions) -> Self {
+        AgentMetrics {
+            volume: metrics.map(|m| m.volume(opts.bundle.server.as_str(), opts.name.as_str())),
+            sent_seen: 0,
+            durable_seen: 0,
+        }
+    }
+
+    fn status(&self, s: &AgentStatus) {
+        if let Some(m) = &self.volume {
+            m.set_state(state_name(s.state));
+            m.set_lag_seconds(s.lag_ms as f64 / 1000.0);
+            m.set_backlog_bytes(s.backlog_bytes);
+        }
+    }
+
+    fn state(&self, state: &str) {
+        if let Some(m) = &self.volume {
+            m.set_state(state);
+        }
+    }
+
+    /// A full pass starts (`InitialSync`: the ratio starts at 0; `Rescan`: counted).
+    fn full_pass(&self, state: ReplicationState) {
+        if let Some(m) = &self.volume {
+            m.set_state(state_name(state));
+            match state {
+                ReplicationState::InitialSync => m.set_initial_sync_ratio(0.0),
+                ReplicationState::Rescan => m.rescan(),
+                _ => {}
+            }
+        }
+    }
+
+    /// A pass ended: bytes sent so far; if it became durable (`durable`),
+    /// its bytes are replicated and the initial sync is done.
+    fn pass_ended(&mut self, rep: &Replicator, durable: bool) {
+        let Some(m) = &self.volume else { return };
+        let s = &rep.summary;
+        m.add_sent_bytes(s.sent_bytes.saturating_sub(self.sent_seen));
+        self.sent_seen = self.sent_seen.max(s.sent_bytes);
+        if durable {
+            m.add_replicated_bytes(s.changed_bytes.saturating_sub(self.durable_seen));
+            self.durable_seen = self.durable_seen.max(s.changed_bytes);
+            m.set_initial_sync_ratio(1.0);
+        } else {
+            m.apply_error();
+        }
+    }
+}
+
+/// The `lifeboat_state` label of a state.
+fn state_name(s: ReplicationState) -> &'static str {
+    match s {
+        ReplicationState::InitialSync => "INITIAL_SYNC",
+        ReplicationState::Rescan => "RESCAN",
+        ReplicationState::Continuous => "CONTINUOUS",
+        ReplicationState::Backlog => "BACKLOG",
+        ReplicationState::Stalled => "STALLED",
     }
 }
 
@@ -307,6 +394,7 @@ async fn replicate_volume(
     opts: SyncOptions,
     ro: RunOptions,
     mut shutdown: watch::Receiver<bool>,
+    mut am: AgentMetrics,
 ) -> anyhow::Result<()> {
     let files = RunState::new(&opts);
     let kind = crate::volume::SourceVolume::open(&opts.volume_path)?.kind();
@@ -382,7 +470,10 @@ async fn replicate_volume(
             }
         }
         None => {
-            match full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await {
+            am.full_pass(full_state);
+            let pass = full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await;
+            am.pass_ended(&rep, pass.is_ok());
+            match pass {
                 Ok(()) => {}
                 Err(e) if e.is::<Stopped>() => {
                     // No stop record: the next start runs the full pass again.
@@ -477,7 +568,10 @@ async fn replicate_volume(
             };
             last_scan = Instant::now();
             full_pass_owed = true;
-            match full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await {
+            am.full_pass(state);
+            let pass = full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await;
+            am.pass_ended(&rep, pass.is_ok());
+            match pass {
                 Ok(()) => {
                     full_pass_owed = false;
                     last_durable = Instant::now();
@@ -529,8 +623,11 @@ async fn replicate_volume(
                     state
                 };
                 let status = status_now(state, &tracking, &ro, oldest, backlog);
+                am.status(&status);
                 if let Some(Ok(())) = or_shutdown(&mut shutdown, rep.ensure_connected()).await {
                     rep.report_status(status).await;
+                } else {
+                    am.state("DISCONNECTED");
                 }
             }
             continue;
@@ -677,6 +774,9 @@ async fn replicate_volume(
             rep.pass(producer, PassMode::Atomic, Some(template), false),
         )
         .await;
+        if let Some(o) = &outcome {
+            am.pass_ended(&rep, o.is_ok());
+        }
         let Some(outcome) = outcome else {
             // Stopped mid-epoch: the receiver discards the partial epoch; its
             // blocks stay dirty and go into the stop record.

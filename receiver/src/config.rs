@@ -15,6 +15,7 @@
 //! pit_max_rate = "50MiB/s"            # optional cap on each PIT's reads and uploads
 //! max_rate = "200MiB/s"               # optional cap on replication data taken in, all agents together
 //! gc_interval = "1h"                  # optional; how often `serve` applies retention and runs gc ("0s": never)
+//! metrics_listen = "127.0.0.1:9650"   # optional; where `serve` serves /metrics and the status page (TCP; "off": nowhere)
 //!
 //! [[volume]]                          # optional: a block device or file as one volume's staging
 //! server = "web-1"
@@ -364,6 +365,11 @@ pub struct ReceiverConfig {
     /// default, [`DEFAULT_GC_INTERVAL`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc_interval: Option<String>,
+    /// Where `serve` serves `/metrics`, the status page and its JSON API
+    /// (TCP `host:port`, or `"off"`). `None` means the default,
+    /// [`DEFAULT_METRICS_LISTEN`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -391,6 +397,7 @@ struct RawConfig {
     max_rate: Option<String>,
     s3: Option<S3Config>,
     gc_interval: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
     #[serde(default)]
@@ -408,6 +415,21 @@ fn parse_rate(text: &str) -> Result<u64, String> {
         Ok(n) => Ok(n),
         Err(_) => Err("not a rate (e.g. \"50MiB/s\")".into()),
     }
+}
+
+/// Where `serve` serves metrics and the status page by default: loopback
+/// only, so nothing is exposed unless an operator says so.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9650";
+
+/// Parses a `metrics_listen` value: a socket address, or `off` (`None`).
+pub fn parse_metrics_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    t.parse::<SocketAddr>().map(Some).map_err(|_| {
+        format!("{t:?} is not host:port with an IP address (e.g. \"127.0.0.1:9650\") nor \"off\"")
+    })
 }
 
 /// DRS's default PIT interval: ten minutes.
@@ -445,6 +467,7 @@ impl ReceiverConfig {
             max_rate: None,
             s3: None,
             gc_interval: None,
+            metrics_listen: None,
             volumes: Vec::new(),
             retention: RetentionRules::default(),
             retention_overrides: Vec::new(),
@@ -493,6 +516,7 @@ impl ReceiverConfig {
             max_rate: raw.max_rate,
             s3: raw.s3,
             gc_interval: raw.gc_interval,
+            metrics_listen: raw.metrics_listen,
             volumes: raw.volumes,
             retention: raw.retention,
             retention_overrides: raw.retention_overrides,
@@ -547,6 +571,9 @@ impl ReceiverConfig {
             humantime::parse_duration(text.trim()).map_err(|e| {
                 format!("gc_interval = {text:?}: {e} (e.g. \"1h\", \"0s\" for never)")
             })?;
+        }
+        if let Some(text) = &self.metrics_listen {
+            parse_metrics_listen(text).map_err(|e| format!("metrics_listen = {e}"))?;
         }
         let base = self
             .retention
@@ -677,6 +704,16 @@ impl ReceiverConfig {
             .and_then(|t| parse_rate(t).ok())
     }
 
+    /// Where `serve` serves metrics and the status page; `None` for "off".
+    pub fn metrics_listen(&self) -> Option<SocketAddr> {
+        parse_metrics_listen(
+            self.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )
+        .unwrap_or(None)
+    }
+
     /// How often `serve` runs retention and gc; `None` for "0s" (never).
     pub fn gc_interval(&self) -> Option<std::time::Duration> {
         let d = self
@@ -774,6 +811,23 @@ mod tests {
         assert_eq!(c.advertise, "[::]:7443");
         assert_eq!(c.tls_name, "localhost");
         assert_eq!(c.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_is_checked() {
+        let listen = "listen = \"127.0.0.1:7443\"\n";
+        let c = ReceiverConfig::from_toml(listen).expect("parses");
+        assert_eq!(c.metrics_listen(), Some("127.0.0.1:9650".parse().unwrap()));
+        let c = ReceiverConfig::from_toml(&format!("{listen}metrics_listen = \"[::1]:0\"\n"))
+            .expect("parses");
+        assert_eq!(c.metrics_listen(), Some("[::1]:0".parse().unwrap()));
+        let c = ReceiverConfig::from_toml(&format!("{listen}metrics_listen = \"off\"\n"))
+            .expect("parses");
+        assert_eq!(c.metrics_listen(), None);
+        match ReceiverConfig::from_toml(&format!("{listen}metrics_listen = \"localhost\"\n")) {
+            Err(ParseError::Invalid(m)) => assert!(m.contains("metrics_listen"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

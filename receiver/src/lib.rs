@@ -14,3 +14,4 @@ pub mod server;
 pub mod staging;
 pub mod status;
 pub mod store;
+pub mod web;

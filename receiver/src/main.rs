@@ -49,8 +49,10 @@ enum Command {
     /// Accept agents and apply their blocks to staging volumes.
     Serve(ServeArgs),
     /// Show the replication status of every volume: state, progress, lag,
-    /// backlog, last durable epoch, last contact. Reads only the status files
-    /// under DIR/state, so it works whether `serve` runs or not. An unreadable
+    /// backlog, last durable epoch, last contact. Asks the receiver serving
+    /// DIR (its JSON API, address in DIR/http.addr) if one answers, else reads
+    /// the status files under DIR/state, so it works whether `serve` runs or
+    /// not; both give the same rows. An unreadable
     /// status file shows as a row in state UNKNOWN naming the file (and a
     /// warning on stderr); the exit code stays 0.
     Status(StatusArgs),
@@ -194,6 +196,15 @@ struct ServeArgs {
     /// Bind here instead of receiver.toml's `listen`.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at /metrics, the status page at / and its
+    /// JSON API at /api/status on this TCP address, or `off` [default:
+    /// receiver.toml's `metrics_listen`, else 127.0.0.1:9650].
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen_arg)]
+    metrics_listen: Option<String>,
+}
+
+fn parse_metrics_listen_arg(s: &str) -> Result<String, String> {
+    lifeboat_receiver::config::parse_metrics_listen(s).map(|_| s.to_string())
 }
 
 fn init_logging(format: LogFormat) {
@@ -392,8 +403,11 @@ fn enroll(args: &EnrollArgs) -> anyhow::Result<()> {
 fn status(args: &StatusArgs) -> anyhow::Result<()> {
     use lifeboat_receiver::status::{read_statuses, render_table, unix_ms, StatusRow};
     let now = unix_ms(std::time::SystemTime::now());
-    let rows = read_statuses(&args.dir, now)
-        .with_context(|| format!("cannot read the status of {}", args.dir.display()))?;
+    let rows = match lifeboat_receiver::web::query_status(&args.dir) {
+        Some(rows) => rows,
+        None => read_statuses(&args.dir, now)
+            .with_context(|| format!("cannot read the status of {}", args.dir.display()))?,
+    };
     for row in &rows {
         if let StatusRow::Unreadable { error, .. } = row {
             eprintln!("warning: {error}");
@@ -642,7 +656,11 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(lifeboat_receiver::server::serve(&args.dir, args.listen))
+    runtime.block_on(lifeboat_receiver::server::serve(
+        &args.dir,
+        args.listen,
+        args.metrics_listen.as_deref(),
+    ))
 }
 
 #[cfg(test)]
@@ -695,6 +713,28 @@ mod tests {
             Command::Gc(GcArgs { dry_run: true, json: false, grace, now: Some(_), .. })
                 if grace.is_zero()
         ));
+        let cli = Cli::try_parse_from([
+            "lifeboat-receiver",
+            "serve",
+            "--dir",
+            "d",
+            "--metrics-listen",
+            "off",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Serve(ServeArgs { metrics_listen: Some(ref m), .. }) if m == "off"
+        ));
+        assert!(Cli::try_parse_from([
+            "lifeboat-receiver",
+            "serve",
+            "--dir",
+            "d",
+            "--metrics-listen",
+            "9650",
+        ])
+        .is_err());
         let cli = Cli::try_parse_from(["lifeboat-receiver", "gc", "--dir", "d"]).unwrap();
         assert!(matches!(
             cli.command,

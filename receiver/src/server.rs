@@ -39,6 +39,13 @@
 //! The driver keeps a [`StatusRecorder`] per session and writes
 //! `state/<server>/<volume>.status.json` (see [`crate::status`]).
 //!
+//! ## Metrics
+//! Counters are updated where their events happen, through the volume's
+//! [`VolumeMetrics`] handle: bytes on the wire in the data-stream readers,
+//! bytes made durable and apply errors in the driver, rescans from the
+//! agent's reports. Gauges (state, lag, backlog) and PIT metrics are set by
+//! the sampler of [`crate::web`], from the status files and the store.
+//!
 //! A volume is open in at most one session at a time: a newer session of the
 //! same server closes the older one and takes the volume once it is released
 //! (an agent restarted after `kill -9` need not wait for the idle timeout);
@@ -71,6 +78,8 @@ use crate::config::ReceiverConfig;
 use crate::pki::{client_name_from_cert, Pki};
 use crate::replica::{CommittedEpoch, Replica, ReplicaError, ReplicaPaths, VerifiedBlock};
 use crate::status::StatusRecorder;
+use crate::web::Telemetry;
+use lifeboat_telemetry::VolumeMetrics;
 
 /// Verified blocks queued between the data streams and the apply task.
 const APPLY_QUEUE_BLOCKS: usize = 512;
@@ -98,6 +107,8 @@ pub struct Receiver {
     pits_running: Mutex<HashMap<(ServerName, VolumeName), Arc<AtomicBool>>>,
     /// Settings SIGHUP reloads from receiver.toml.
     live: Live,
+    /// Metrics, the status page and its API.
+    telemetry: Arc<Telemetry>,
 }
 
 /// What can change without a restart (SIGHUP re-reads receiver.toml).
@@ -194,8 +205,13 @@ struct PitDone {
     result: Result<crate::pitter::TakenPit, String>,
 }
 
-/// Runs the receiver until SIGINT or SIGTERM.
-pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+/// Runs the receiver until SIGINT or SIGTERM. `metrics_listen` (a socket
+/// address or `off`) overrides receiver.toml's `metrics_listen`.
+pub async fn serve(
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<&str>,
+) -> anyhow::Result<()> {
     let config = ReceiverConfig::load(dir)?;
     let pki = Pki::open(dir)?;
     let tls = pki.server_tls_config()?;
@@ -223,6 +239,16 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
     crate::gc::spawn_periodic(&store, &config);
     let live = Live::new(&config);
     let mut current = config.clone();
+    let telemetry = Telemetry::new(dir, store.clone());
+    let (http_addr, explicit) = match metrics_listen {
+        Some(text) => (
+            crate::config::parse_metrics_listen(text)
+                .map_err(|e| anyhow::anyhow!("--metrics-listen {e}"))?,
+            true,
+        ),
+        None => (config.metrics_listen(), config.metrics_listen.is_some()),
+    };
+    let _http = telemetry.start(http_addr, explicit).await?;
     let receiver = Arc::new(Receiver {
         dir: dir.to_path_buf(),
         config,
@@ -231,6 +257,7 @@ pub async fn serve(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()>
         next_pit: Mutex::new(HashMap::new()),
         pits_running: Mutex::new(HashMap::new()),
         live,
+        telemetry,
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -433,7 +460,8 @@ impl EpochGate {
 
 async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> anyhow::Result<()> {
     let server = peer_server_name(&conn)?;
-    let span = info_span!("server", server = %server);
+    // The volume is known after the Hello; it is recorded into the span then.
+    let span = info_span!("server", server = %server, volume = tracing::field::Empty);
     drive_session(receiver, conn, server).instrument(span).await
 }
 
@@ -547,6 +575,7 @@ async fn drive_session(
     let mut pit_running: Option<u64> = None;
     // A PIT asked for while another was being written: (epoch, label).
     let mut pit_deferred: Option<(u64, Option<String>)> = None;
+    let mut metrics: Option<(VolumeMetrics, VolumeGeometry)> = None;
 
     let result: anyhow::Result<()> = async {
         loop {
@@ -556,6 +585,7 @@ async fn drive_session(
                     ReceiverEvent::Hello(hello) => {
                         volume_label = format!("{server}/{}", hello.volume);
                         volume_name = Some(hello.volume.clone());
+                        tracing::Span::current().record("volume", tracing::field::display(&hello.volume));
                         let key = (server.clone(), hello.volume.clone());
                         if !claim_volume(&receiver, &key, &conn).await {
                             session.reject(RejectCode::Busy, format!("volume {volume_label} is already being replicated by another session"));
@@ -566,6 +596,8 @@ async fn drive_session(
                         match open_replica(&receiver, &server, &hello.volume, hello.geometry, resize).await {
                             Ok(r) => {
                                 let (id, generation, epoch, geometry) = (r.volume_id(), r.generation(), r.durable_epoch(), r.geometry());
+                                let vm = receiver.telemetry.volume(server.as_str(), hello.volume.as_str());
+                                metrics = Some((vm.clone(), geometry));
                                 info!(volume = %hello.volume, %geometry, generation, staging = %r.staging_path().display(), "session established");
                                 let mut recorder = StatusRecorder::new(r.paths().status.clone(), &server, &hello.volume, geometry, r.staging_path(), epoch, generation);
                                 write_status(&mut recorder);
@@ -577,7 +609,7 @@ async fn drive_session(
                                 let held = _guard.clone();
                                 let apply = apply_task(r.clone(), rx, crx, report_tx.clone());
                                 tokio::spawn(async move { apply.await; drop(held) }.in_current_span());
-                                tokio::spawn(accept_data_streams(receiver.clone(), conn.clone(), geometry, tx.clone(), report_tx.clone()).in_current_span());
+                                tokio::spawn(accept_data_streams(receiver.clone(), conn.clone(), geometry, tx.clone(), report_tx.clone(), vm).in_current_span());
                                 apply_tx = Some(tx);
                                 commit_tx = Some(ctx);
                                 replica = Some(r);
@@ -667,13 +699,25 @@ async fn drive_session(
                             }
                         }
                         if let Some(st) = &mut status {
+                            // A pass without agent reports over a complete replica was a rescan.
+                            if !st.status().reported_by_agent && st.status().state == crate::status::VolumeState::Rescan {
+                                if let Some((m, _)) = &metrics {
+                                    m.rescan();
+                                }
+                            }
                             st.epoch_durable(epoch);
                         }
                     }
                     ReceiverEvent::Status(report) => {
                         debug!(?report, "agent status");
                         if let Some(st) = &mut status {
+                            let was = st.status().state;
                             st.agent_report(&report);
+                            if st.status().state == crate::status::VolumeState::Rescan && was != crate::status::VolumeState::Rescan {
+                                if let Some((m, _)) = &metrics {
+                                    m.rescan();
+                                }
+                            }
                         }
                     }
                     ReceiverEvent::Goodbye => {
@@ -749,6 +793,9 @@ async fn drive_session(
                 report = report_rx.recv() => {
                     match report {
                         Some(Report::Durable { generation, indexes }) => {
+                            if let Some((m, g)) = &metrics {
+                                m.add_replicated_bytes(indexes.iter().map(|&i| g.block_len(i) as u64).sum());
+                            }
                             gate.applied(indexes.len() as u64);
                             for &i in &indexes {
                                 session.block_received(i);
@@ -770,6 +817,9 @@ async fn drive_session(
                         }
                         Some(Report::Committed(c)) => {
                             debug!(epoch = c.epoch, blocks = c.indexes.len(), frames = c.frames, "epoch committed");
+                            if let Some((m, g)) = &metrics {
+                                m.add_replicated_bytes(c.indexes.iter().map(|&i| g.block_len(i) as u64).sum());
+                            }
                             gate.committed(c.frames);
                             session.blocks_durable(c.generation, to_ranges(c.indexes), gate.durable());
                             if let Some(st) = &mut status {
@@ -779,6 +829,9 @@ async fn drive_session(
                         }
                         Some(Report::Rejected { index, epoch, reason }) => {
                             error!(volume = %volume_label, block = index, epoch, "rejected block: {reason}");
+                            if let Some((m, _)) = &metrics {
+                                m.apply_error();
+                            }
                             session.block_rejected(index, reason.clone());
                             if epoch != RESYNC_EPOCH {
                                 session.reject(RejectCode::Protocol, format!("block {index} of epoch {epoch} failed verification ({reason}); the epoch is discarded, reconnect and send it again"));
@@ -790,6 +843,9 @@ async fn drive_session(
                         }
                         Some(Report::Failed(e)) => {
                             error!(volume = %volume_label, "{e:#}");
+                            if let Some((m, _)) = &metrics {
+                                m.apply_error();
+                            }
                             conn.close(4u32.into(), format!("{e:#}").as_bytes());
                             return Err(e);
                         }
@@ -937,6 +993,9 @@ fn spawn_pit(
                 m.remove(&key);
             }
         }
+        receiver
+            .telemetry
+            .pits_changed(key.0.as_str(), key.1.as_str());
         if result.is_err() {
             // Retry at a later durable epoch, without hammering a failing store.
             let retry = unix_ms().saturating_add(interval_ms.min(PIT_RETRY_MS));
@@ -1020,16 +1079,19 @@ async fn accept_data_streams(
     geometry: VolumeGeometry,
     apply_tx: mpsc::Sender<EpochBlock>,
     report_tx: mpsc::Sender<Report>,
+    metrics: VolumeMetrics,
 ) {
     while let Ok(stream) = conn.accept_uni().await {
         let apply_tx = apply_tx.clone();
         let report_tx = report_tx.clone();
         let conn = conn.clone();
         let receiver = receiver.clone();
+        let metrics = metrics.clone();
         tokio::spawn(
             async move {
                 if let Err(e) =
-                    read_data_stream(&receiver, stream, geometry, &apply_tx, &report_tx).await
+                    read_data_stream(&receiver, stream, geometry, &apply_tx, &report_tx, &metrics)
+                        .await
                 {
                     error!("data stream: {e:#}");
                     conn.close(2u32.into(), format!("{e:#}").as_bytes());
@@ -1047,6 +1109,7 @@ async fn read_data_stream(
     geometry: VolumeGeometry,
     apply_tx: &mpsc::Sender<EpochBlock>,
     report_tx: &mpsc::Sender<Report>,
+    metrics: &VolumeMetrics,
 ) -> anyhow::Result<()> {
     let mut decoder = FrameDecoder::default();
     let mut block_decoder = BlockDecoder::new();
@@ -1077,6 +1140,7 @@ async fn read_data_stream(
                     want_len
                 );
             }
+            metrics.add_sent_bytes(b.payload.len() as u64);
             let (index, digest, epoch) = (b.index, b.digest, b.epoch);
             let verified = tokio::task::block_in_place(|| -> Result<VerifiedBlock, String> {
                 let data = block_decoder

@@ -371,6 +371,23 @@ impl StatusRow {
     }
 }
 
+impl StatusRow {
+    /// The inverse of [`to_json`](Self::to_json), for rows that came over the
+    /// JSON API: `None` if the value is neither form.
+    pub fn from_json(v: &serde_json::Value) -> Option<StatusRow> {
+        if let Some(error) = v.get("error").and_then(|e| e.as_str()) {
+            return Some(StatusRow::Unreadable {
+                server: v.get("server")?.as_str()?.to_string(),
+                volume: v.get("volume")?.as_str()?.to_string(),
+                error: error.to_string(),
+            });
+        }
+        serde_json::from_value::<VolumeStatus>(v.clone())
+            .ok()
+            .map(StatusRow::Volume)
+    }
+}
+
 /// Reads every status file under `<dir>/state/*/`, as seen at `now_unix_ms`,
 /// sorted by server then volume. A missing `state` directory means no volumes;
 /// a missing `dir` is an error.
@@ -664,5 +681,10 @@ mod tests {
         let table = render_table(&rows);
         assert!(table.contains("c.status.json"), "{table}");
         assert_eq!(rows[2].to_json()["state"], "UNKNOWN");
+        // Rows survive the JSON API unchanged.
+        for row in &rows {
+            assert_eq!(StatusRow::from_json(&row.to_json()).as_ref(), Some(row));
+        }
+        assert_eq!(StatusRow::from_json(&serde_json::json!({"x": 1})), None);
     }
 }
