@@ -17,6 +17,7 @@
 //! freeze = false                          # optional; FIFREEZE/FITHAW at consistency points
 //! resize = false                          # optional; accept a changed volume size, re-seed
 //! max_rate = "50MiB/s"                    # optional; cap on data sent per volume (live on SIGHUP)
+//! resync_max_rate = "20MiB/s"             # optional; lower cap for initial syncs and rescans (live)
 //! block_size = "64KiB"                    # optional; block size of new replicas (4KiB..4MiB)
 //! streams = 4                             # optional; QUIC data streams per volume (1..=64)
 //! threads = 2                             # optional; hashing threads [default: the cores]
@@ -148,6 +149,9 @@ pub struct AgentConfig {
     pub block_size: Option<BlockSize>,
     /// `max_rate`, bytes per second per volume.
     pub max_rate: Option<u64>,
+    /// `resync_max_rate`: a lower cap for full passes (initial sync, rescan),
+    /// so continuous replication of other volumes keeps priority.
+    pub resync_max_rate: Option<u64>,
     /// `streams`: QUIC data streams per volume.
     pub streams: Option<u16>,
     /// `threads` hashing and compressing in full passes.
@@ -196,6 +200,8 @@ struct RawConfig {
     resize: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resync_max_rate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     block_size: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,6 +324,7 @@ impl AgentConfig {
             lag_threshold: checked("lag_threshold", &raw.lag_threshold, parse_duration)?,
             stall_after: checked("stall_after", &raw.stall_after, parse_duration)?,
             max_rate: checked("max_rate", &raw.max_rate, parse_rate)?,
+            resync_max_rate: checked("resync_max_rate", &raw.resync_max_rate, parse_rate)?,
             block_size: checked("block_size", &raw.block_size, parse_block_size)?,
             log_level: checked("log_level", &raw.log_level, parse_log_level)?,
             bundle: raw.bundle,
@@ -369,6 +376,10 @@ impl AgentConfig {
         diff("freeze", self.freeze != other.freeze);
         diff("resize", self.resize != other.resize);
         diff("max_rate", self.max_rate != other.max_rate);
+        diff(
+            "resync_max_rate",
+            self.resync_max_rate != other.resync_max_rate,
+        );
         diff("block_size", self.block_size != other.block_size);
         diff("streams", self.streams != other.streams);
         diff("threads", self.threads != other.threads);
@@ -390,6 +401,9 @@ impl AgentConfig {
             freeze: self.freeze,
             resize: self.resize,
             max_rate: self.max_rate.map(|r| format!("{}/s", format_size(r))),
+            resync_max_rate: self
+                .resync_max_rate
+                .map(|r| format!("{}/s", format_size(r))),
             block_size: self.block_size.map(|b| b.to_string()),
             streams: self.streams,
             threads: self.threads,
@@ -411,7 +425,9 @@ impl AgentConfig {
              #   stall_after = \"60s\"   scan_only = false   freeze = false   resize = false\n\
              #   max_rate = \"50MiB/s\" (default: no cap)   block_size = \"64KiB\"   streams = 4\n\
              #   threads = 2 (default: the cores)   log_level = \"info\"   log_format = \"text\"\n\
-             # SIGHUP makes the agent re-read max_rate and log_level; other keys need a restart.\n\
+             #   resync_max_rate = \"20MiB/s\" (initial sync and rescans; default: max_rate)\n\
+             # SIGHUP makes the agent re-read max_rate, resync_max_rate and log_level; other\n\
+             # keys need a restart.\n\
              {body}"
         )
     }

@@ -117,6 +117,11 @@ struct RunArgs {
     /// here, it also pins the limit: SIGHUP leaves it alone.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     max_rate: Option<u64>,
+    /// A lower limit for initial syncs and rescans, e.g. 20MiB/s, so
+    /// continuous replication keeps priority [default: --max-rate]. Given
+    /// here, SIGHUP leaves it alone.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    resync_max_rate: Option<u64>,
     /// Parallel QUIC data streams per volume [default: 4].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=config::MAX_STREAMS as i64))]
     streams: Option<u16>,
@@ -161,6 +166,10 @@ struct SyncArgs {
     /// Limit the data sent, e.g. 50MiB/s [default: no limit].
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     max_rate: Option<u64>,
+    /// A lower limit when this pass is a full one (the initial sync, or a
+    /// rescan) [default: --max-rate].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    resync_max_rate: Option<u64>,
     /// Parallel QUIC data streams [default: 4].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=config::MAX_STREAMS as i64))]
     streams: Option<u16>,
@@ -340,6 +349,9 @@ struct Reloader {
     rate: RateCap,
     /// `--max-rate` was given: it wins over the file.
     rate_pinned: bool,
+    resync_rate: RateCap,
+    /// `--resync-max-rate` was given: it wins over the file.
+    resync_rate_pinned: bool,
     log: LogControl,
 }
 
@@ -383,6 +395,20 @@ impl Reloader {
                         "SIGHUP: max_rate changed"
                     );
                 }
+                "resync_max_rate" if self.resync_rate_pinned => warn!(
+                    "SIGHUP: resync_max_rate changed in {}, but --resync-max-rate was given and wins; keeping {}",
+                    path.display(),
+                    format_rate(self.resync_rate.get())
+                ),
+                "resync_max_rate" => {
+                    let old = self.resync_rate.get();
+                    self.resync_rate.set(new.resync_max_rate);
+                    info!(
+                        old = %format_rate(old),
+                        new = %format_rate(new.resync_max_rate),
+                        "SIGHUP: resync_max_rate changed"
+                    );
+                }
                 "log_level" => self.log.reload(new.log_level.as_deref()),
                 other => warn!(
                     "SIGHUP: {other} changed in {}; it takes effect when the agent restarts",
@@ -406,6 +432,7 @@ fn run_sync(args: SyncArgs, config_path: Option<&Path>, file: &AgentConfig) -> a
         state_dir: state_dir(args.state_dir.clone(), file),
         resize: args.resize || file.resize == Some(true),
         max_rate: RateCap::new(args.max_rate.or(file.max_rate)),
+        resync_max_rate: RateCap::new(args.resync_max_rate.or(file.resync_max_rate)),
         streams: streams(args.streams, file),
         connect_attempts: args.connect_attempts,
         scan,
@@ -538,6 +565,7 @@ fn run_continuous(
     let bundle = load_bundle(&bundle_path(args.bundle.clone(), &file)?)?;
     let scan = scan_options(args.threads.or(file.threads));
     let rate = RateCap::new(args.max_rate.or(file.max_rate));
+    let resync_rate = RateCap::new(args.resync_max_rate.or(file.resync_max_rate));
     let state_dir = state_dir(args.state_dir.clone(), &file);
     let volumes: Vec<SyncOptions> = volumes
         .into_iter()
@@ -549,6 +577,7 @@ fn run_continuous(
             state_dir: state_dir.clone(),
             resize: args.resize || file.resize == Some(true),
             max_rate: rate.clone(),
+            resync_max_rate: resync_rate.clone(),
             streams: streams(args.streams, &file),
             connect_attempts: u32::MAX,
             scan: scan.clone(),
@@ -589,6 +618,8 @@ fn run_continuous(
         file,
         rate,
         rate_pinned: args.max_rate.is_some(),
+        resync_rate,
+        resync_rate_pinned: args.resync_max_rate.is_some(),
         log,
     };
     let runtime = async_runtime()?;

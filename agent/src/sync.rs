@@ -34,6 +34,7 @@ pub use lifeboat_protocol::frame::{AgentStatus, ReplicationState, TrackingMode};
 use lifeboat_protocol::frame::{BlockFrame, Hello, PitOutcome, Welcome, PROTOCOL_VERSION};
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::index::HashIndex;
+use lifeboat_protocol::rate::TokenBucket;
 use lifeboat_protocol::session::{AgentEvent, SessionState};
 use lifeboat_protocol::{BlockSize, Bundle, VolumeGeometry, VolumeName};
 use serde::Serialize;
@@ -64,6 +65,8 @@ pub struct SyncOptions {
     /// Cap on data sent, in bytes per second; shared with whoever may change
     /// it while the pass runs (`run` on SIGHUP).
     pub max_rate: RateCap,
+    /// A lower cap for full passes (initial sync, rescans), if any.
+    pub resync_max_rate: RateCap,
     /// Parallel data streams.
     pub streams: usize,
     /// Connection attempts (first connect and each reconnect) before giving up.
@@ -290,7 +293,7 @@ impl Replicator {
             }
         };
         Ok(Replicator {
-            rate: RateLimiter::new(opts.max_rate.clone()),
+            rate: RateLimiter::new(opts.max_rate.clone(), opts.resync_max_rate.clone()),
             pit_ask: opts.pit.clone(),
             opts,
             volume,
@@ -530,6 +533,7 @@ impl Replicator {
             scan_done: false,
             flush_seq: None,
             pit: self.pit_ask.clone().map(|a| a.label),
+            full_pass: matches!(producer_kind, ProducerKind::FullScan),
             pit_answer: None,
             status,
             total_blocks,
@@ -760,6 +764,8 @@ struct PassState {
     flush_seq: Option<u64>,
     /// Ask for a PIT with the closing flush (label).
     pit: Option<Option<String>>,
+    /// A full scan (initial sync or rescan): `--resync-max-rate` applies.
+    full_pass: bool,
     /// The receiver's answer to that, if it came before the pass ended.
     pit_answer: Option<(u64, PitOutcome)>,
     status: Option<StatusTemplate>,
@@ -994,7 +1000,7 @@ async fn drive(
                     }
                     None => pass.scan_done = true,
                     Some(b) => {
-                        rate.take(b.payload.len()).await;
+                        rate.take(b.payload.len(), pass.full_pass).await;
                         summary.changed_bytes += b.raw_len as u64;
                         summary.sent_bytes += b.payload.len() as u64;
                         summary.sent_blocks += 1;
@@ -1086,38 +1092,51 @@ impl RateCap {
     }
 }
 
-/// A token bucket for `--max-rate`, reading its rate from a [`RateCap`] at
-/// every block so a new cap applies at once.
+/// The sender's throttle: `--max-rate` for every pass, and the lower of it
+/// and `--resync-max-rate` for full passes (initial sync, rescans), read from
+/// their [`RateCap`]s at every block so a new cap applies at once.
 struct RateLimiter {
     cap: RateCap,
-    tokens: f64,
-    last: Instant,
+    resync_cap: RateCap,
+    bucket: Option<TokenBucket>,
 }
 
 impl RateLimiter {
-    fn new(cap: RateCap) -> Self {
+    fn new(cap: RateCap, resync_cap: RateCap) -> Self {
         RateLimiter {
             cap,
-            tokens: 0.0,
-            last: Instant::now(),
+            resync_cap,
+            bucket: None,
         }
     }
 
-    async fn take(&mut self, n: usize) {
-        let now = Instant::now();
-        let Some(rate) = self.cap.get() else {
-            self.tokens = 0.0;
-            self.last = now;
+    /// The cap for a full pass (`full_pass`) or a continuous epoch.
+    fn rate(&self, full_pass: bool) -> Option<u64> {
+        match (
+            self.cap.get(),
+            full_pass.then(|| self.resync_cap.get()).flatten(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn take(&mut self, n: usize, full_pass: bool) {
+        // tokio's clock, so tests can run it paused.
+        let now = tokio::time::Instant::now().into_std();
+        let Some(rate) = self.rate(full_pass) else {
+            self.bucket = None;
             return;
         };
-        let rate = rate as f64;
-        // Burst of at most a quarter second.
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate / 4.0);
-        self.last = now;
-        self.tokens -= n as f64;
-        if self.tokens < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / rate)).await;
+        let bucket = self
+            .bucket
+            .get_or_insert_with(|| TokenBucket::new(rate, now));
+        if bucket.rate() != rate {
+            bucket.set_rate(rate, now);
+        }
+        let wait = bucket.take(n as u64, now);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -1126,26 +1145,37 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn rate_limiter_follows_its_cap() {
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_follows_its_caps() {
+        // Paused tokio time: sleeps advance a virtual clock by exactly their
+        // length, so the waits can be checked to the millisecond.
         let cap = RateCap::new(Some(1 << 20));
-        let mut limiter = RateLimiter::new(cap.clone());
-        // 256 KiB at 1 MiB/s from an empty bucket: about a quarter second.
-        let started = Instant::now();
-        limiter.take(256 << 10).await;
-        assert!(started.elapsed() >= Duration::from_millis(200));
-        // Raised through a clone: the same amount now takes a few ms.
-        cap.set(Some(1 << 30));
-        assert_eq!(cap.get(), Some(1 << 30));
-        limiter.take(0).await;
-        let started = Instant::now();
-        limiter.take(256 << 10).await;
-        assert!(started.elapsed() < Duration::from_millis(150));
-        // Lifted: no wait at all, however much is sent.
+        let resync = RateCap::new(Some(256 << 10));
+        let mut limiter = RateLimiter::new(cap.clone(), resync.clone());
+        assert_eq!(limiter.rate(false), Some(1 << 20));
+        assert_eq!(limiter.rate(true), Some(256 << 10), "the lower cap wins");
+        let waited = |t: tokio::time::Instant| t.elapsed().as_millis();
+        // 1 MiB at 1 MiB/s from an empty bucket: one second.
+        let t = tokio::time::Instant::now();
+        limiter.take(1 << 20, false).await;
+        assert_eq!(waited(t), 1000);
+        // A full pass: 256 KiB at 256 KiB/s, one second more.
+        let t = tokio::time::Instant::now();
+        limiter.take(256 << 10, true).await;
+        assert_eq!(waited(t), 1000);
+        // Raised through a clone: applies at the next block.
+        cap.set(Some(4 << 20));
+        let t = tokio::time::Instant::now();
+        limiter.take(4 << 20, false).await;
+        assert_eq!(waited(t), 1000);
+        // Without max_rate, full passes still have theirs; continuous none.
         cap.set(None);
-        assert_eq!(cap.get(), None);
-        let started = Instant::now();
-        limiter.take(1 << 30).await;
-        assert!(started.elapsed() < Duration::from_millis(150));
+        assert_eq!(limiter.rate(false), None);
+        assert_eq!(limiter.rate(true), Some(256 << 10));
+        let t = tokio::time::Instant::now();
+        limiter.take(1 << 30, false).await;
+        assert_eq!(waited(t), 0);
+        resync.set(None);
+        assert_eq!(limiter.rate(true), None);
     }
 }
