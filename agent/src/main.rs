@@ -688,8 +688,13 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 fn install(args: InstallArgs, volumes: Vec<(PathBuf, Option<VolumeName>)>) -> anyhow::Result<()> {
     use lifeboat_agent::install::{check_bundle, check_volume, default_volume_name};
     let config_path = absolute(&args.config)?;
+    // The package ships a template with every key commented out: replacing
+    // that loses nothing, so it needs no --force.
+    let template = config_path.exists()
+        && AgentConfig::load(&config_path).is_ok_and(|c| c == AgentConfig::default());
+    let replace = args.force || template;
     // Before any check, so a second install does not probe for nothing.
-    if !args.force && config_path.exists() {
+    if !replace && config_path.exists() {
         return Err(ConfigError::AlreadyExists { path: config_path }.into());
     }
     let bundle_path = absolute(&args.bundle)?;
@@ -756,7 +761,7 @@ fn install(args: InstallArgs, volumes: Vec<(PathBuf, Option<VolumeName>)>) -> an
         volumes: entries,
         ..AgentConfig::default()
     };
-    config.save(&config_path, args.force)?;
+    config.save(&config_path, replace)?;
     println!("wrote {} (mode 0600)", config_path.display());
     if config_path != Path::new(DEFAULT_CONFIG_PATH) {
         println!(

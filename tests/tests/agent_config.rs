@@ -489,6 +489,13 @@ fn install_warns_when_the_receiver_is_unreachable_and_refuses_to_overwrite() {
         args.extend_from_slice(extra);
         agent(&args)
     };
+    // The package's template (every key commented out) is not a
+    // configuration anybody wrote: install replaces it without --force.
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml"),
+    )
+    .expect("read packaging/agent.toml");
+    std::fs::write(&cfg, template).expect("install the template");
     let out = install(&["--name", "first"]);
     assert!(
         out.status.success(),
