@@ -71,8 +71,7 @@ pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_STREAMS: u16 = 4;
 /// Most data streams per volume.
 pub const MAX_STREAMS: u16 = 64;
-/// The log filter when nothing sets one.
-pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub use lifeboat_telemetry::logs::DEFAULT_LOG_LEVEL;
 
 /// Errors reading or writing the configuration file; each names the file.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use lifeboat_agent::config::{
     self, parse_block_size, parse_duration, parse_log_level, parse_rate, AgentConfig, ConfigError,
-    LogFormat, VolumeEntry, DEFAULT_CONFIG_PATH, DEFAULT_LOG_LEVEL,
+    LogFormat, VolumeEntry, DEFAULT_CONFIG_PATH,
 };
 use lifeboat_agent::scan::ScanOptions;
 use lifeboat_agent::state::DEFAULT_STATE_DIR;
@@ -21,10 +21,8 @@ use lifeboat_agent::sync::{RateCap, SyncOptions, SyncSummary};
 use lifeboat_agent::volume::VolumeKind;
 use lifeboat_protocol::geometry::format_size;
 use lifeboat_protocol::{BlockSize, Bundle, VolumeName};
+use lifeboat_telemetry::logs::LogControl;
 use tracing::{error, info, warn};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// Lifeboat agent: block-level replication of this server's volumes to a
 /// Lifeboat receiver in the recovery region.
@@ -241,9 +239,7 @@ fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
         None => AgentConfig::default(),
     };
     let log = LogControl::init(
-        cli.log_format
-            .or(file.log_format)
-            .unwrap_or(LogFormat::Text),
+        cli.log_format.or(file.log_format) == Some(LogFormat::Json),
         cli.log_level,
         file.log_level.as_deref(),
     );
@@ -256,83 +252,6 @@ fn run_command(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 .context("install arguments missing")?;
             let volumes = pair_volume_names(&args, sub)?;
             install(args, volumes)
-        }
-    }
-}
-
-/// Where the log filter came from; SIGHUP changes it only if from the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LevelSource {
-    Flag,
-    Env,
-    File,
-}
-
-/// The installed log filter and a handle to replace it.
-struct LogControl {
-    handle: reload::Handle<EnvFilter, Registry>,
-    source: LevelSource,
-    level: String,
-}
-
-impl LogControl {
-    /// Installs the subscriber: the filter from `--log-level`, else
-    /// `RUST_LOG`, else the file's `log_level`, else [`DEFAULT_LOG_LEVEL`].
-    fn init(format: LogFormat, flag: Option<String>, file: Option<&str>) -> LogControl {
-        let env = std::env::var("RUST_LOG")
-            .ok()
-            .filter(|v| EnvFilter::try_new(v).is_ok());
-        let (source, level) = match (flag, env) {
-            (Some(f), _) => (LevelSource::Flag, f),
-            (None, Some(e)) => (LevelSource::Env, e),
-            (None, None) => (
-                LevelSource::File,
-                file.unwrap_or(DEFAULT_LOG_LEVEL).to_string(),
-            ),
-        };
-        let filter =
-            EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL));
-        let (filter, handle) = reload::Layer::new(filter);
-        let registry = tracing_subscriber::registry().with(filter);
-        let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-        match format {
-            LogFormat::Text => registry.with(stderr).init(),
-            LogFormat::Json => registry.with(stderr.json()).init(),
-        }
-        LogControl {
-            handle,
-            source,
-            level,
-        }
-    }
-
-    /// Applies the file's new `log_level` unless a flag or `RUST_LOG` set
-    /// the filter.
-    fn reload(&mut self, file: Option<&str>) {
-        let pinned_by = match self.source {
-            LevelSource::Flag => Some("--log-level"),
-            LevelSource::Env => Some("RUST_LOG"),
-            LevelSource::File => None,
-        };
-        if let Some(by) = pinned_by {
-            warn!(
-                "SIGHUP: log_level changed in the file, but {by} sets the log filter; keeping {:?}",
-                self.level
-            );
-            return;
-        }
-        let new = file.unwrap_or(DEFAULT_LOG_LEVEL).to_string();
-        // Said before the switch, so a quieter filter does not hide it.
-        info!(old = %self.level, new = %new, "SIGHUP: log_level changed");
-        match EnvFilter::try_new(&new)
-            .map_err(|e| e.to_string())
-            .and_then(|f| self.handle.reload(f).map_err(|e| e.to_string()))
-        {
-            Ok(()) => self.level = new,
-            Err(e) => error!(
-                "SIGHUP: cannot apply log_level = {new:?} ({e}); keeping {:?}",
-                self.level
-            ),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! pit_interval = "10m"                # optional; scheduled PITs ("0s": at every durable epoch)
 //! pit_max_rate = "50MiB/s"            # optional cap on each PIT's reads and uploads
 //! max_rate = "200MiB/s"               # optional cap on replication data taken in, all agents together
+//! log_level = "info"                  # optional log filter of `serve` (RUST_LOG wins); live on SIGHUP
 //! gc_interval = "1h"                  # optional; how often `serve` applies retention and runs gc ("0s": never)
 //! metrics_listen = "127.0.0.1:9650"   # optional; where `serve` serves /metrics and the status page (TCP; "off": nowhere)
 //!
@@ -357,6 +358,10 @@ pub struct ReceiverConfig {
     /// down by QUIC flow control. `None`: no cap. Reloaded on SIGHUP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rate: Option<String>,
+    /// The log filter of `serve` (e.g. "info", "lifeboat_receiver=debug,info")
+    /// unless RUST_LOG sets one; reloaded on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
     /// How to reach an `s3://` store.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Config>,
@@ -395,6 +400,7 @@ struct RawConfig {
     pit_interval: Option<String>,
     pit_max_rate: Option<String>,
     max_rate: Option<String>,
+    log_level: Option<String>,
     s3: Option<S3Config>,
     gc_interval: Option<String>,
     metrics_listen: Option<String>,
@@ -465,6 +471,7 @@ impl ReceiverConfig {
             pit_interval: None,
             pit_max_rate: None,
             max_rate: None,
+            log_level: None,
             s3: None,
             gc_interval: None,
             metrics_listen: None,
@@ -514,6 +521,7 @@ impl ReceiverConfig {
             pit_interval: raw.pit_interval,
             pit_max_rate: raw.pit_max_rate,
             max_rate: raw.max_rate,
+            log_level: raw.log_level,
             s3: raw.s3,
             gc_interval: raw.gc_interval,
             metrics_listen: raw.metrics_listen,
@@ -566,6 +574,13 @@ impl ReceiverConfig {
         }
         if let Some(text) = &self.max_rate {
             parse_rate(text).map_err(|e| format!("max_rate = {text:?}: {e}"))?;
+        }
+        if let Some(text) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(text.trim()).map_err(|e| {
+                format!(
+                    "log_level = {text:?}: {e} (e.g. \"info\", \"lifeboat_receiver=debug,info\")"
+                )
+            })?;
         }
         if let Some(text) = &self.gc_interval {
             humantime::parse_duration(text.trim()).map_err(|e| {
@@ -943,6 +958,10 @@ mod tests {
         let c = ReceiverConfig::from_toml(&format!("{listen}max_rate = \"200MiB/s\"\n"))
             .expect("parse");
         assert_eq!(c.max_rate(), Some(200 << 20));
+        match ReceiverConfig::from_toml(&format!("{listen}log_level = \"lifeboat=[\"\n")) {
+            Err(ParseError::Invalid(reason)) => assert!(reason.contains("log_level"), "{reason}"),
+            _ => panic!("a bad log_level must be rejected"),
+        }
         match ReceiverConfig::from_toml(&format!("{listen}max_rate = \"lots\"\n")) {
             Err(ParseError::Invalid(reason)) => assert!(reason.contains("max_rate"), "{reason}"),
             _ => panic!("max_rate = \"lots\" must be rejected"),

@@ -14,6 +14,7 @@ use lifeboat_receiver::fsutil;
 use lifeboat_receiver::pki::Pki;
 use lifeboat_receiver::store::{Store, StoreUrl};
 use lifeboat_receiver::{launch, pit};
+use lifeboat_telemetry::logs::LogControl;
 
 /// Lifeboat receiver: accepts block-level replication from Lifeboat agents into
 /// crash-consistent staging volumes in the recovery region.
@@ -207,25 +208,25 @@ fn parse_metrics_listen_arg(s: &str) -> Result<String, String> {
     lifeboat_receiver::config::parse_metrics_listen(s).map(|_| s.to_string())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // `serve` takes its log filter from receiver.toml's `log_level` (unless
+    // RUST_LOG sets one) and follows it on SIGHUP.
+    let file_level = match &cli.command {
+        Command::Serve(args) => ReceiverConfig::load(&args.dir)
+            .ok()
+            .and_then(|c| c.log_level),
+        _ => None,
+    };
+    let log = LogControl::init(
+        matches!(cli.log_format, LogFormat::Json),
+        None,
+        file_level.as_deref(),
+    );
     let result = match cli.command {
         Command::Init(args) => init(&args),
         Command::Enroll(args) => enroll(&args),
-        Command::Serve(args) => serve(&args),
+        Command::Serve(args) => serve(&args, log),
         Command::Status(args) => status(&args),
         Command::Pits(args) => pits(&args),
         Command::Launch(args) => launch(&args),
@@ -651,7 +652,7 @@ fn print_gc_report(r: &lifeboat_receiver::gc::GcReport) {
     }
 }
 
-fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+fn serve(args: &ServeArgs, log: LogControl) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -660,6 +661,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         &args.dir,
         args.listen,
         args.metrics_listen.as_deref(),
+        log,
     ))
 }
 

@@ -186,6 +186,13 @@ impl Live {
             ("store", old.store != new.store),
             ("[s3]", old.s3 != new.s3),
             ("[[volume]]", old.volumes != new.volumes),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            ("gc_interval", old.gc_interval != new.gc_interval),
+            ("[retention]", old.retention != new.retention),
+            (
+                "[[retention_override]]",
+                old.retention_overrides != new.retention_overrides,
+            ),
         ];
         for (key, changed) in restart {
             if changed {
@@ -211,6 +218,7 @@ pub async fn serve(
     dir: &Path,
     listen: Option<SocketAddr>,
     metrics_listen: Option<&str>,
+    mut log: lifeboat_telemetry::logs::LogControl,
 ) -> anyhow::Result<()> {
     let config = ReceiverConfig::load(dir)?;
     let pki = Pki::open(dir)?;
@@ -290,6 +298,9 @@ pub async fn serve(
                     Ok(new) => {
                         info!(config = %ReceiverConfig::path(dir).display(), "SIGHUP: reloading");
                         receiver.live.reload(&current, &new);
+                        if new.log_level != current.log_level {
+                            log.reload(new.log_level.as_deref());
+                        }
                         current = new;
                     }
                     Err(e) => error!("SIGHUP: {e}; keeping the settings in force"),

@@ -37,6 +37,7 @@
 #![deny(unsafe_code)]
 
 pub mod http;
+pub mod logs;
 pub mod process;
 
 use std::sync::atomic::AtomicU64;

@@ -1,6 +1,7 @@
 //! The receiver-wide rate cap (`max_rate` in receiver.toml) through the real
 //! binaries: replication data is taken in no faster than the cap, and SIGHUP
-//! changes it (and refuses a broken file) without a restart.
+//! changes it and the log filter (and refuses a broken file) without a
+//! restart.
 //!
 //! How close the achieved rate comes to the cap is measured by
 //! `scripts/bench-throttle.sh` (BENCHMARKS.md), not here: these tests check
@@ -85,6 +86,15 @@ fn sighup_changes_max_rate_live_and_keeps_it_on_a_broken_file() {
     );
     let out = sync.wait(Duration::from_secs(120));
     assert!(out.status.success(), "sync failed: {}", out.stderr);
+
+    // The log filter follows receiver.toml's log_level too.
+    set_config_line(&rx, "log_level", "log_level = \"debug\"");
+    sighup(&rx);
+    assert!(
+        rx.wait_for_log("SIGHUP: log_level changed", Duration::from_secs(10)),
+        "no log_level change logged; log:\n{}",
+        rx.log()
+    );
     assert!(rx.is_running(), "the receiver stopped");
     assert_identical(&image.path, &rx.staging("data"));
 }
