@@ -88,6 +88,11 @@ slope() { # LIMIT WHAT NAME [AGENT ARGS...]: syncs N and 2N MiB, reports the slo
 }
 
 echo "==> achieved rates (slope of two syncs of random data)"
+# What this machine does with no limit, sized as for the largest limit: a
+# limit above it cannot be reached, whatever the throttle does.
+max_rate=0
+for r in $RATES; do [ "$r" -gt "$max_rate" ] && max_rate=$r; done
+slope "$max_rate" "no limit (machine bound)" "nolimit"
 for r in $RATES; do
     slope "$r" "agent --max-rate" "agent$r" --max-rate "${r}MiB/s"
 done
