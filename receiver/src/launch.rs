@@ -3,11 +3,30 @@
 //!
 //! 1. [`list_pits`] and [`pick_pit`] choose the PIT (`--at latest|TIME|ID`);
 //!    [`load_manifest`] + [`resolve`] give the digest of every block.
-//! 2. Blocks are fetched [`FETCH_CONCURRENCY`] at a time; [`Store::get_chunk`]
-//!    decodes each and verifies its BLAKE3 digest. A block whose digest is the
-//!    digest of zeros is not fetched: it stays a hole in a file target and is
-//!    written as zeros on a block device.
-//! 3. A file target is written to a temporary file beside it (sized with
+//! 2. A block whose digest is the digest of zeros is not fetched: it stays a
+//!    hole in a file target (no work at all) and is written as zeros on a
+//!    block device. Every other block is decoded and its BLAKE3 digest
+//!    verified ([`Store::verify_chunk_into`]) before it is written with
+//!    `pwrite` at its offset, by a pool of blocking worker threads:
+//!    - a local store: [`LOCAL_WORKERS`] threads (at least one per core), each
+//!      claiming the next block in volume order and reading its chunk file
+//!      itself ([`Store::read_local_chunk`]). The many threads are for the
+//!      disk: a cold store is 64 KiB files, read well only with many reads in
+//!      flight; the CPU work (zstd, BLAKE3) needs only one per core.
+//!    - any other store: an async task fetches [`FETCH_CONCURRENCY`] chunks at
+//!      a time ([`Store::chunk_object`]) and hands them over a bounded channel
+//!      to one worker per core.
+//!
+//!    Each worker reuses its read and decode buffers for every block (a raw
+//!    chunk is hashed and written straight from the read buffer), and nothing
+//!    CPU-bound runs on the async runtime. Workers share no lock on the write
+//!    path; the first error stops them all.
+//! 3. While the workers run, writeback of the target is started for each
+//!    [`WRITEBACK_WINDOW`] of the volume behind them (`posix_fadvise`
+//!    `DONTNEED`), so the disk writes during the restore instead of all at the
+//!    final fsync; this is a hint only, the fsync below stays the durability
+//!    point.
+//! 4. A file target is written to a temporary file beside it (sized with
 //!    `set_len`, so it is sparse), fsynced, renamed into place and the
 //!    directory fsynced: `--out` only ever holds a complete, verified volume.
 //!    On any error the temporary file is removed. A block device is written
@@ -19,18 +38,29 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::StreamExt;
 use lifeboat_protocol::{zero_hash, BlockHash, VolumeGeometry};
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+use tokio::sync::mpsc;
 
 use crate::fsutil;
 use crate::pit::{list_pits, load_manifest, pick_pit, resolve, At, PitError, PitRef, PitSummary};
 use crate::store::{Store, StoreError};
 
-/// Chunks fetched and verified at once.
+/// Chunks fetched at once from a remote store.
 pub const FETCH_CONCURRENCY: usize = 16;
+
+/// Worker threads reading a local store (at least one per core): enough reads
+/// in flight for a cold store of small chunk files (BENCHMARKS.md, "Launch").
+pub const LOCAL_WORKERS: usize = 16;
+
+/// Writeback of the target is started every this many bytes of the volume.
+pub const WRITEBACK_WINDOW: u64 = 32 << 20;
 
 /// Why a launch failed.
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +349,170 @@ fn fsync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// One block to write.
+struct Job {
+    index: u64,
+    digest: BlockHash,
+    /// All zeros: not fetched; written (from a zero buffer) only to a device.
+    zero: bool,
+}
+
+/// Where the workers get their chunk objects.
+enum Feed {
+    /// Each worker claims the next job and reads its chunk itself.
+    Local { next: AtomicUsize },
+    /// An async task fetches [`FETCH_CONCURRENCY`] chunks at a time; workers
+    /// take (job, object) pairs from the channel.
+    Remote {
+        rx: Mutex<mpsc::Receiver<(usize, Result<Bytes, StoreError>)>>,
+    },
+}
+
+/// What the workers share.
+struct Pipeline {
+    store: Store,
+    pit: String,
+    out: PathBuf,
+    geometry: VolumeGeometry,
+    jobs: Vec<Job>,
+    feed: Feed,
+    file: File,
+    /// The target is a device: zero blocks are written.
+    device: bool,
+    /// Volume bytes written (or left as holes), for progress.
+    done_bytes: AtomicU64,
+    /// Writeback has been started for `[0, windows * WRITEBACK_WINDOW)`.
+    windows_kicked: AtomicU64,
+    /// Set on the first error: every worker stops.
+    failed: AtomicBool,
+    error: Mutex<Option<LaunchError>>,
+}
+
+impl Pipeline {
+    fn fail(&self, e: LaunchError) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// The next job and (for a remote store) its fetched object.
+    fn next(&self) -> Option<(usize, Option<Result<Bytes, StoreError>>)> {
+        if self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        match &self.feed {
+            Feed::Local { next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                (i < self.jobs.len()).then_some((i, None))
+            }
+            Feed::Remote { rx } => {
+                let (i, object) = rx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .blocking_recv()?;
+                Some((i, Some(object)))
+            }
+        }
+    }
+
+    /// One worker: read or receive, decode, verify, write, until the jobs run
+    /// out or any worker fails. Its buffers are reused for every block.
+    fn work(&self) {
+        let block_size = self.geometry.block_size.bytes();
+        let mut object = Vec::with_capacity(crate::store::CHUNK_HEADER_LEN + block_size);
+        let mut scratch = vec![0u8; block_size];
+        let zeros = vec![0u8; if self.device { block_size } else { 0 }];
+        while let Some((i, fetched)) = self.next() {
+            let job = &self.jobs[i];
+            if let Err(e) = self.write_one(job, fetched, &mut object, &mut scratch, &zeros) {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+
+    fn write_one(
+        &self,
+        job: &Job,
+        fetched: Option<Result<Bytes, StoreError>>,
+        object: &mut Vec<u8>,
+        scratch: &mut [u8],
+        zeros: &[u8],
+    ) -> Result<(), LaunchError> {
+        let len = self.geometry.block_len(job.index);
+        let offset = self.geometry.block_range(job.index).start;
+        let chunk_err = |error: StoreError| LaunchError::Chunk {
+            block: job.index,
+            pit: self.pit.clone(),
+            error: Box::new(error),
+        };
+        let remote;
+        let data: &[u8] = if job.zero {
+            &zeros[..len as usize]
+        } else {
+            let encoded: &[u8] = match fetched {
+                Some(r) => {
+                    remote = r.map_err(chunk_err)?;
+                    &remote
+                }
+                None => {
+                    match self.store.read_local_chunk(&job.digest, len, object) {
+                        Some(r) => r.map_err(chunk_err)?,
+                        None => unreachable!("the local feed is chosen only for a local store"),
+                    }
+                    object
+                }
+            };
+            self.store
+                .verify_chunk_into(&job.digest, encoded, len, scratch)
+                .map_err(chunk_err)?
+        };
+        if !data.is_empty() {
+            self.file
+                .write_all_at(data, offset)
+                .map_err(|source| LaunchError::Io {
+                    path: self.out.clone(),
+                    source,
+                })?;
+        }
+        self.done_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.kick_writeback(offset);
+        Ok(())
+    }
+
+    /// Starts writeback (without waiting for it) of the window before the one
+    /// holding the previous window's end, once a block at `offset` is written:
+    /// workers take jobs in order, so that window is written by then. The disk
+    /// then writes while the workers decode instead of all at the final fsync,
+    /// which stays the one durability point. POSIX_FADV_DONTNEED starts
+    /// writeback of dirty pages and drops the clean ones, which a restore does
+    /// not read again.
+    fn kick_writeback(&self, offset: u64) {
+        let window = offset / WRITEBACK_WINDOW;
+        let Some(upto) = window.checked_sub(1) else {
+            return;
+        };
+        let kicked = self.windows_kicked.load(Ordering::Relaxed);
+        if kicked >= upto
+            || self
+                .windows_kicked
+                .compare_exchange(kicked, upto, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let start = kicked * WRITEBACK_WINDOW;
+        let len = (upto - kicked) * WRITEBACK_WINDOW;
+        // Advice only: an error here costs speed, never data (fsync follows).
+        let _ = posix_fadvise(
+            &self.file,
+            start as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
 /// Fetches, verifies and writes every block; returns (fetched, zero) counts.
 async fn write_blocks(
     store: &Store,
@@ -332,61 +526,100 @@ async fn write_blocks(
         Target::File { file, .. } => (file.try_clone(), false),
         Target::Device { file } => (file.try_clone(), true),
     };
-    let file = Arc::new(file.map_err(|source| LaunchError::Io {
+    let file = file.map_err(|source| LaunchError::Io {
         path: out.to_path_buf(),
         source,
-    })?);
+    })?;
     let block_size = geometry.block_size.bytes();
     let full_zero = zero_hash(block_size);
     let last = geometry.block_count().saturating_sub(1);
-    let last_len = geometry.block_len(last) as usize;
-    let last_zero = zero_hash(last_len);
-    let zeros: Arc<[u8]> = vec![0u8; block_size].into();
-
-    let tasks = digests.into_iter().enumerate().map(|(i, digest)| {
-        let index = i as u64;
-        let len = geometry.block_len(index);
-        let is_zero = if index == last {
-            digest == last_zero
-        } else {
-            digest == full_zero
-        };
-        let store = store.clone();
-        let file = Arc::clone(&file);
-        let zeros = Arc::clone(&zeros);
-        let pit = pit_id.to_string();
-        let out = out.to_path_buf();
-        let offset = geometry.block_range(index).start;
-        async move {
-            let handle =
-                tokio::spawn(async move {
-                    if is_zero {
-                        if device {
-                            file.write_all_at(&zeros[..len as usize], offset)
-                                .map_err(|source| LaunchError::Io { path: out, source })?;
-                        }
-                        return Ok::<bool, LaunchError>(true);
-                    }
-                    let data = store.get_chunk(&digest, len).await.map_err(|source| {
-                        LaunchError::Chunk {
-                            block: index,
-                            pit,
-                            error: Box::new(source),
-                        }
-                    })?;
-                    file.write_all_at(&data, offset)
-                        .map_err(|source| LaunchError::Io { path: out, source })?;
-                    Ok(false)
-                });
-            handle.await.map_err(|e| LaunchError::Io {
-                path: PathBuf::new(),
-                source: std::io::Error::other(format!("block {index}: task failed: {e}")),
-            })?
-        }
-    });
-    let mut fetched = 0u64;
+    let last_zero = zero_hash(geometry.block_len(last) as usize);
     let mut zero = 0u64;
-    let total = geometry.block_count();
+    let mut hole_bytes = 0u64;
+    let mut jobs = Vec::with_capacity(digests.len());
+    for (i, digest) in digests.into_iter().enumerate() {
+        let index = i as u64;
+        let is_zero = digest == if index == last { last_zero } else { full_zero };
+        if is_zero {
+            zero += 1;
+            if !device {
+                // A hole: set_len made it, nothing to do.
+                hole_bytes += u64::from(geometry.block_len(index));
+                continue;
+            }
+        }
+        jobs.push(Job {
+            index,
+            digest,
+            zero: is_zero,
+        });
+    }
+    let fetched = jobs.iter().filter(|j| !j.zero).count() as u64;
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (feed, remote_jobs, workers) = if store.is_local() {
+        (
+            Feed::Local {
+                next: AtomicUsize::new(0),
+            },
+            None,
+            LOCAL_WORKERS.max(cores),
+        )
+    } else {
+        let (tx, rx) = mpsc::channel(2 * FETCH_CONCURRENCY);
+        (Feed::Remote { rx: Mutex::new(rx) }, Some(tx), cores)
+    };
+    let pipeline = Arc::new(Pipeline {
+        store: store.clone(),
+        pit: pit_id.to_string(),
+        out: out.to_path_buf(),
+        geometry,
+        jobs,
+        feed,
+        file,
+        device,
+        done_bytes: AtomicU64::new(hole_bytes),
+        windows_kicked: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
+    if let Some(tx) = remote_jobs {
+        // The task holds no reference to the pipeline: once the workers are
+        // done (or stopped on an error) and `write_blocks` returns, the
+        // receiver is dropped and a pending send ends the task.
+        let store = store.clone();
+        let list: Vec<(usize, BlockHash, u32, bool)> = pipeline
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, job)| (i, job.digest, geometry.block_len(job.index), job.zero))
+            .collect();
+        tokio::spawn(async move {
+            let fetches = list.into_iter().map(|(i, digest, len, zero)| {
+                let store = store.clone();
+                async move {
+                    if zero {
+                        (i, Ok(Bytes::new()))
+                    } else {
+                        (i, store.chunk_object(&digest, len).await)
+                    }
+                }
+            });
+            let mut fetches = futures::stream::iter(fetches).buffer_unordered(FETCH_CONCURRENCY);
+            while let Some(item) = fetches.next().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let p = Arc::clone(&pipeline);
+            tokio::task::spawn_blocking(move || p.work())
+        })
+        .collect();
+
     // A bar on a terminal, a log line every few seconds otherwise.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new(geometry.volume_bytes);
@@ -399,26 +632,43 @@ async fn write_blocks(
         );
         bar
     });
-    let mut last_log = std::time::Instant::now();
-    let mut results = futures::stream::iter(tasks).buffer_unordered(FETCH_CONCURRENCY);
-    while let Some(was_zero) = results.try_next().await? {
-        if was_zero {
-            zero += 1;
-        } else {
-            fetched += 1;
-        }
-        let done = fetched + zero;
-        match &bar {
-            Some(bar) => bar.set_position((done * block_size as u64).min(geometry.volume_bytes)),
-            None if last_log.elapsed() >= std::time::Duration::from_secs(2) => {
-                last_log = std::time::Instant::now();
-                tracing::info!(blocks_done = done, blocks = total, "launch progress");
+    let mut joined = futures::future::join_all(handles);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_log = Instant::now();
+    let results = loop {
+        tokio::select! {
+            results = &mut joined => break results,
+            _ = tick.tick() => {
+                let done = pipeline.done_bytes.load(Ordering::Relaxed);
+                match &bar {
+                    Some(bar) => bar.set_position(done),
+                    None if last_log.elapsed() >= Duration::from_secs(2) => {
+                        last_log = Instant::now();
+                        tracing::info!(bytes_done = done, bytes = geometry.volume_bytes, "launch progress");
+                    }
+                    None => {}
+                }
             }
-            None => {}
         }
-    }
+    };
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    for r in results {
+        if let Err(e) = r {
+            pipeline.fail(LaunchError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("a launch worker failed: {e}")),
+            });
+        }
+    }
+    if let Some(e) = pipeline
+        .error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(e);
     }
     Ok((fetched, zero))
 }
@@ -629,6 +879,54 @@ mod tests {
             .expect_err("missing");
         assert!(matches!(e, LaunchError::Chunk { block: 2, .. }), "{e}");
         assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+        assert!(leftovers(f.dir.path()).is_empty());
+    }
+
+    /// A store that is not local goes through the async fetch task and the
+    /// channel to the workers; a corrupt chunk still names its block.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn launches_from_a_remote_store_and_names_a_corrupt_block() {
+        use object_store::{ObjectStoreExt, PutPayload};
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let f = Fixture {
+            store: Store::from_object_store(
+                memory.clone(),
+                object_store::path::Path::default(),
+                "memory:".into(),
+            ),
+            ..fixture(40)
+        };
+        assert!(!f.store.is_local());
+        let len = f.geometry.volume_bytes as usize;
+        let a = image(4, len);
+        take(&f, 0, &a, None, None).await;
+        let out = f.dir.path().join("out.img");
+        let r = launch(&f.store, "web-1", "data", &opts(At::Latest, &out, false))
+            .await
+            .expect("launch");
+        assert_eq!(r.blocks_zero, 1);
+        assert_eq!(r.blocks_fetched, 39);
+        assert_eq!(std::fs::read(&out).unwrap(), a);
+
+        let r = f.geometry.block_range(17);
+        let d = BlockHash::of(&a[r.start as usize..r.end as usize]);
+        let key = object_store::path::Path::parse(chunk_key(&d)).unwrap();
+        let mut bytes = memory
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        memory.put(&key, PutPayload::from(bytes)).await.unwrap();
+        let e = launch(&f.store, "web-1", "data", &opts(At::Latest, &out, true))
+            .await
+            .expect_err("corrupt");
+        assert!(matches!(e, LaunchError::Chunk { block: 17, .. }), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), a, "the old target survives");
         assert!(leftovers(f.dir.path()).is_empty());
     }
 

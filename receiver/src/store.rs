@@ -69,7 +69,11 @@
 //! old readers reject new chunks with a clear error instead of misreading them.
 //! [`Store::get_chunk`] bounds the object by the expected block length before
 //! reading it, decodes, and verifies the BLAKE3 digest: nothing read from a
-//! store is trusted.
+//! store is trusted. A bulk reader (`launch`) uses the same checks without the
+//! per-block allocations: [`Store::chunk_object`] (async, any store) or
+//! [`Store::read_local_chunk`] (blocking, local stores only: a plain read of
+//! the chunk's file, no hop through `object_store`'s blocking pool), then
+//! [`Store::verify_chunk_into`] into a buffer the caller reuses.
 //!
 //! ## Invariants
 //! - **Chunks are create-only and content-addressed**: [`Store::put_if_absent`]
@@ -100,7 +104,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use lifeboat_protocol::block::{BlockDecoder, BlockEncoder, Encoding};
+use lifeboat_protocol::block::{BlockDecodeError, BlockDecoder, BlockEncoder, Encoding};
 use lifeboat_protocol::names::NameError;
 use lifeboat_protocol::{BlockHash, ServerName, VolumeName};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, S3ConditionalPut};
@@ -500,6 +504,9 @@ pub struct Store {
     url: String,
     /// `" (endpoint …)"` for a remote store, empty for a local one.
     via: String,
+    /// The directory of a local store (its prefix is empty), for
+    /// [`Store::read_local_chunk`].
+    local_root: Option<PathBuf>,
 }
 
 thread_local! {
@@ -507,6 +514,9 @@ thread_local! {
     // compressing a 64 KiB block at level 1.
     static ENCODER: RefCell<BlockEncoder> = RefCell::new(BlockEncoder::default());
     static DECODER: RefCell<BlockDecoder> = RefCell::new(BlockDecoder::default());
+    static ZSTD_INTO: RefCell<zstd::bulk::Decompressor<'static>> = RefCell::new(
+        zstd::bulk::Decompressor::new().expect("zstd: cannot allocate a decompression context"),
+    );
 }
 
 impl Store {
@@ -525,11 +535,10 @@ impl Store {
                 let fs = LocalFileSystem::new_with_prefix(root)
                     .map_err(|e| bad(e.to_string()))?
                     .with_fsync(true);
-                Ok(Store::from_object_store(
-                    Arc::new(fs),
-                    Path::default(),
-                    shown.clone(),
-                ))
+                Ok(Store {
+                    local_root: Some(root.clone()),
+                    ..Store::from_object_store(Arc::new(fs), Path::default(), shown.clone())
+                })
             }
             StoreUrl::S3 { bucket, prefix } => {
                 let (b, endpoint) = s3_builder(bucket, s3).map_err(&bad)?;
@@ -550,6 +559,7 @@ impl Store {
             prefix,
             url,
             via: String::new(),
+            local_root: None,
         }
     }
 
@@ -807,27 +817,92 @@ impl Store {
     /// bytes and verifies its BLAKE3 digest ([`StoreError::Corrupt`] names the
     /// digest otherwise; [`StoreError::Missing`] if there is no such chunk).
     pub async fn get_chunk(&self, digest: &BlockHash, expected_len: u32) -> Result<Vec<u8>> {
-        let key = chunk_key(digest);
+        let object = self.chunk_object(digest, expected_len).await?;
+        decode_chunk(digest, &object, expected_len).map_err(|reason| self.corrupt(digest, reason))
+    }
+
+    /// Fetches the chunk object of `digest`, still encoded and unverified,
+    /// refusing one too large for an `expected_len`-byte block before its body
+    /// is read ([`StoreError::Corrupt`]). Pass it to [`Store::verify_chunk_into`].
+    pub async fn chunk_object(&self, digest: &BlockHash, expected_len: u32) -> Result<Bytes> {
         let max = CHUNK_HEADER_LEN as u64 + expected_len as u64;
-        let object = match self.get_limited(&key, max).await {
+        match self.get_limited(&chunk_key(digest), max).await {
             Err(StoreError::TooLarge { size, max, .. }) => {
-                return Err(StoreError::Corrupt {
-                    url: self.url.clone(),
-                    key,
-                    digest: digest.to_hex(),
-                    reason: format!(
-                    "the object is {size} bytes, more than {max} for a {expected_len}-byte block"
-                ),
-                })
+                Err(self.corrupt(digest, too_large(size, max, expected_len)))
             }
-            other => other?,
+            other => other,
+        }
+    }
+
+    /// Whether this is a local store ([`Store::read_local_chunk`] reads it).
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
+    /// For a local store, reads the chunk object of `digest` into `object`
+    /// (replacing its contents) with blocking file IO, under the same bound
+    /// and errors as [`Store::chunk_object`]; `None` for any other store.
+    pub fn read_local_chunk(
+        &self,
+        digest: &BlockHash,
+        expected_len: u32,
+        object: &mut Vec<u8>,
+    ) -> Option<Result<()>> {
+        use std::io::Read;
+        let root = self.local_root.as_deref()?;
+        let key = chunk_key(digest);
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::Missing {
+                url: self.url.clone(),
+                key: key.clone(),
+            },
+            _ => self.backend(
+                "get",
+                &key,
+                object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            ),
         };
-        decode_chunk(digest, &object, expected_len).map_err(|reason| StoreError::Corrupt {
+        let max = CHUNK_HEADER_LEN as u64 + expected_len as u64;
+        let mut read = || -> Result<()> {
+            let file = std::fs::File::open(local_object_path(root, &key)).map_err(io)?;
+            let size = file.metadata().map_err(io)?.len();
+            if size > max {
+                return Err(self.corrupt(digest, too_large(size, max, expected_len)));
+            }
+            object.clear();
+            object.reserve(size as usize);
+            // The bound holds even if the file grew since the stat.
+            file.take(max).read_to_end(object).map_err(io)?;
+            Ok(())
+        };
+        Some(read())
+    }
+
+    /// Decodes a chunk object to exactly `expected_len` bytes and verifies
+    /// their BLAKE3 digest, like [`Store::get_chunk`] but allocating nothing:
+    /// the block is returned in place (a raw chunk) or decoded into `scratch`,
+    /// which must hold at least `expected_len` bytes.
+    pub fn verify_chunk_into<'a>(
+        &self,
+        digest: &BlockHash,
+        object: &'a [u8],
+        expected_len: u32,
+        scratch: &'a mut [u8],
+    ) -> Result<&'a [u8]> {
+        decode_chunk_into(digest, object, expected_len, scratch)
+            .map_err(|reason| self.corrupt(digest, reason))
+    }
+
+    fn corrupt(&self, digest: &BlockHash, reason: String) -> StoreError {
+        StoreError::Corrupt {
             url: self.url.clone(),
-            key,
+            key: chunk_key(digest),
             digest: digest.to_hex(),
             reason,
-        })
+        }
     }
 }
 
@@ -846,6 +921,10 @@ pub fn describe_backend_error(error: &object_store::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+fn too_large(size: u64, max: u64, expected_len: u32) -> String {
+    format!("the object is {size} bytes, more than {max} for a {expected_len}-byte block")
 }
 
 /// The key of the chunk holding the block with `digest`:
@@ -923,6 +1002,85 @@ pub fn decode_chunk(
     object: &[u8],
     expected_len: u32,
 ) -> std::result::Result<Vec<u8>, String> {
+    let (encoding, payload) = chunk_header(object, expected_len)?;
+    let data = DECODER
+        .with(|d| {
+            d.borrow_mut()
+                .decode(encoding, expected_len, payload, expected_len)
+        })
+        .map_err(|e| e.to_string())?;
+    check_digest(digest, encoding, &data)?;
+    Ok(data)
+}
+
+/// [`decode_chunk`] without allocating: the block is `object`'s payload (raw)
+/// or is decoded into the first `expected_len` bytes of `scratch`.
+pub fn decode_chunk_into<'a>(
+    digest: &BlockHash,
+    object: &'a [u8],
+    expected_len: u32,
+    scratch: &'a mut [u8],
+) -> std::result::Result<&'a [u8], String> {
+    let (encoding, payload) = chunk_header(object, expected_len)?;
+    let want = expected_len as usize;
+    let room = scratch.len();
+    let Some(out) = scratch.get_mut(..want) else {
+        return Err(format!(
+            "the decode buffer holds {room} bytes, less than the {want}-byte block"
+        ));
+    };
+    let data: &[u8] = match encoding {
+        Encoding::Raw if payload.len() == want => payload,
+        Encoding::Raw => {
+            return Err(BlockDecodeError::RawLength {
+                raw_len: expected_len,
+                payload_len: payload.len(),
+            }
+            .to_string())
+        }
+        Encoding::Zero if payload.is_empty() => {
+            out.fill(0);
+            out
+        }
+        Encoding::Zero => {
+            return Err(BlockDecodeError::ZeroPayload {
+                payload_len: payload.len(),
+            }
+            .to_string())
+        }
+        // Single-shot into a slice of exactly the block's length: a frame
+        // claiming more content fails instead of allocating.
+        Encoding::Zstd => {
+            match ZSTD_INTO.with(|z| z.borrow_mut().decompress_to_buffer(payload, out)) {
+                Ok(n) if n == want => out,
+                Ok(n) => {
+                    return Err(BlockDecodeError::ZstdLength {
+                        raw_len: expected_len,
+                        actual: n,
+                    }
+                    .to_string())
+                }
+                Err(e) => {
+                    return Err(BlockDecodeError::Zstd {
+                        raw_len: expected_len,
+                        payload_len: payload.len(),
+                        reason: e.to_string(),
+                    }
+                    .to_string())
+                }
+            }
+        }
+    };
+    check_digest(digest, encoding, data)?;
+    Ok(data)
+}
+
+/// Checks a chunk's header against the block's length; returns its encoding
+/// and payload.
+fn chunk_header(
+    object: &[u8],
+    expected_len: u32,
+) -> std::result::Result<(Encoding, &[u8]), String> {
     if object.len() < CHUNK_HEADER_LEN {
         return Err(format!(
             "the object is {} bytes, shorter than the {CHUNK_HEADER_LEN}-byte chunk header",
@@ -936,20 +1094,22 @@ pub fn decode_chunk(
             "the chunk holds {raw_len} bytes but the block is {expected_len} bytes"
         ));
     }
-    let data = DECODER
-        .with(|d| {
-            d.borrow_mut()
-                .decode(encoding, raw_len, &object[CHUNK_HEADER_LEN..], expected_len)
-        })
-        .map_err(|e| e.to_string())?;
-    let actual = BlockHash::of(&data);
+    Ok((encoding, &object[CHUNK_HEADER_LEN..]))
+}
+
+fn check_digest(
+    digest: &BlockHash,
+    encoding: Encoding,
+    data: &[u8],
+) -> std::result::Result<(), String> {
+    let actual = BlockHash::of(data);
     if actual != *digest {
         return Err(format!(
             "its {} content hashes to {actual}",
             encoding.name()
         ));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// The absolute filesystem path of `key` in a local store rooted at `root`
@@ -1166,6 +1326,86 @@ mod tests {
             assert_eq!(obj[0], u8::from(enc));
             assert!(obj.len() <= max_len, "{enc:?}: {} bytes", obj.len());
         }
+    }
+
+    #[tokio::test]
+    async fn local_reads_into_reused_buffers_match_get_chunk() {
+        let (dir, store) = local_store();
+        assert!(store.is_local());
+        let mut object = Vec::new();
+        let mut scratch = vec![0xaa; 65536];
+        for (name, raw) in [
+            ("zero", vec![0u8; 65536]),
+            ("raw", random_block(65536, 7)),
+            ("zstd", text_block(65536)),
+            ("short zstd", text_block(1808)),
+            ("short raw", random_block(3, 9)),
+        ] {
+            let d = BlockHash::of(&raw);
+            let len = raw.len() as u32;
+            store.put_chunk(&d, &raw).await.expect(name);
+            store
+                .read_local_chunk(&d, len, &mut object)
+                .expect("a local store")
+                .expect(name);
+            let fetched = store.chunk_object(&d, len).await.expect(name);
+            assert_eq!(object, &fetched[..], "{name}");
+            let block = store
+                .verify_chunk_into(&d, &object, len, &mut scratch)
+                .expect(name);
+            assert_eq!(block, &raw[..], "{name}");
+        }
+
+        // The same checks as get_chunk: wrong length, too large, corrupt, missing.
+        let raw = text_block(65536);
+        let d = BlockHash::of(&raw);
+        store
+            .read_local_chunk(&d, 65536, &mut object)
+            .expect("local")
+            .expect("read");
+        let err = store
+            .verify_chunk_into(&d, &object, 65535, &mut scratch)
+            .expect_err("length");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let err = store
+            .verify_chunk_into(&d, &object, 65536, &mut scratch[..100])
+            .expect_err("scratch too small");
+        assert!(err.to_string().contains("decode buffer"), "{err}");
+        let raw_small = random_block(64, 1);
+        let ds = BlockHash::of(&raw_small);
+        store.put_chunk(&ds, &raw_small).await.expect("put");
+        let err = store
+            .read_local_chunk(&ds, 8, &mut object)
+            .expect("local")
+            .expect_err("too large");
+        assert!(err.to_string().contains("more than 13"), "{err}");
+        let path = local_object_path(&dir.path().join("store"), &chunk_key(&d));
+        let mut bytes = std::fs::read(&path).expect("stored object");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("corrupt");
+        store
+            .read_local_chunk(&d, 65536, &mut object)
+            .expect("local")
+            .expect("read");
+        let err = store
+            .verify_chunk_into(&d, &object, 65536, &mut scratch)
+            .expect_err("corrupt");
+        assert!(err.to_string().contains(&d.to_hex()), "{err}");
+        let absent = BlockHash::of(b"never stored");
+        let err = store
+            .read_local_chunk(&absent, 12, &mut object)
+            .expect("local")
+            .expect_err("missing");
+        assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+
+        let other = Store::from_object_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            Path::default(),
+            "memory:".into(),
+        );
+        assert!(!other.is_local());
+        assert!(other.read_local_chunk(&d, 65536, &mut object).is_none());
     }
 
     #[tokio::test]

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Launch (RTO) benchmark (issue 4, "Benchmark (not a test)").
+#
+# How long does `lifeboat-receiver launch` take to rebuild a volume from a PIT in
+# the local store, next to `cp --sparse=always` of the raw image on the same
+# machine? Goal: launch at >= 0.8x cp's speed (cp time / launch time >= 0.8)
+# while it verifies the BLAKE3 digest of every block.
+#
+#   1. builds the release binaries;
+#   2. writes a raw source image (default 4 GiB, zeros written out like a dump
+#      of a block device): 64 KiB blocks, each zeros, text-like or pseudo-random
+#      with probability 1/3 each;
+#   3. puts it into a PIT through the real path: receiver init/enroll/serve on
+#      127.0.0.1 with pit_interval = "0s" (a PIT at every durable epoch), one
+#      `lifeboat-agent sync`; the receiver is stopped before any timing;
+#   4. launches the PIT once and checks the output equals the image (cmp);
+#   5. times, ROUNDS times, alternating which goes first:
+#        launch:  lifeboat-receiver launch --at latest --out launched.img
+#        cp:      cp --sparse=always source.img copy.img && sync copy.img
+#      Both outputs are fsynced: launch fsyncs its file (and the directory)
+#      itself; `sync FILE` fsyncs the copy. Before each timed command both
+#      outputs are removed, dirty data is synced and (as root) the page cache
+#      is dropped, outside the timed span: each run starts cold, reading the
+#      store (launch) or the image (cp) from disk.
+#   6. prints each run and the ratio cp / launch of the medians.
+#
+#   sudo ./scripts/bench-launch.sh
+#   sudo SIZE_MIB=1024 ROUNDS=5 KEEP=1 ./scripts/bench-launch.sh
+#   sudo SKIP_BUILD=1 WORK=/srv/bench ./scripts/bench-launch.sh   # WORK: a directory to create
+#   ./scripts/bench-launch.sh           # without root: page cache NOT dropped (warm runs)
+#
+# Everything lives under WORK (default: a new directory in /var/tmp); image,
+# store and outputs share one filesystem. Needs about 3.5x SIZE_MIB of free
+# space (image, staging replica, store, two outputs).
+set -euo pipefail
+
+SIZE_MIB=${SIZE_MIB:-4096}
+ROUNDS=${ROUNDS:-3}
+SEED=${SEED:-1}
+
+for tool in python3 cmp; do
+    command -v "$tool" >/dev/null || { echo "bench-launch.sh needs $tool" >&2; exit 1; }
+done
+if [ "$(id -u)" -eq 0 ]; then
+    COLD=1
+else
+    COLD=0
+    echo "not root: the page cache cannot be dropped, so every run is WARM (sudo for cold runs)" >&2
+fi
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export NO_COLOR=1
+if [ -n "${WORK:-}" ]; then
+    mkdir "$WORK"
+else
+    WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" lifeboat-bench-launch.XXXXXX)
+fi
+WORK=$(cd "$WORK" && pwd)
+AGENT="$ROOT/target/release/lifeboat-agent"
+RECEIVER="$ROOT/target/release/lifeboat-receiver"
+D="$WORK/receiver"
+IMG="$WORK/source.img"
+LAUNCHED="$WORK/launched.img"
+COPY="$WORK/copy.img"
+RECEIVER_PID=""
+
+step() { printf '\n==> %s\n' "$*"; }
+
+stop_receiver() {
+    if [ -n "$RECEIVER_PID" ] && kill -0 "$RECEIVER_PID" 2>/dev/null; then
+        kill -TERM "$RECEIVER_PID"
+        for _ in $(seq 1 50); do kill -0 "$RECEIVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$RECEIVER_PID" 2>/dev/null || true
+        wait "$RECEIVER_PID" 2>/dev/null || true
+    fi
+    RECEIVER_PID=""
+}
+
+cleanup() {
+    set +e
+    stop_receiver
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    step "using the release binaries already built (SKIP_BUILD=1)"
+else
+    step "building release binaries"
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
+        -p lifeboat-agent -p lifeboat-receiver
+fi
+for bin in "$AGENT" "$RECEIVER"; do
+    [ -x "$bin" ] || { echo "missing $bin: build it first" >&2; exit 1; }
+done
+
+step "writing a ${SIZE_MIB} MiB source image in $WORK (64 KiB blocks: 1/3 zeros, 1/3 text-like, 1/3 random)"
+python3 - "$IMG" "$SIZE_MIB" "$SEED" <<'PY'
+import os, random, sys
+path, mib, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+block = 64 << 10
+# Text-like blocks are 64 KiB windows into an 8 MiB pool of log-ish lines built
+# from a small vocabulary: zstd level 1 keeps about a quarter of them.
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+         for _ in range(512)]
+lines, size, n = [], 0, 0
+while size < 8 << 20:
+    line = b"%010d %s\n" % (n, b" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))))
+    lines.append(line)
+    size += len(line)
+    n += 1
+pool = b"".join(lines)
+zeros = bytes(block)
+counts = [0, 0, 0]
+with open(path, "wb") as f:
+    for _ in range(mib * (1 << 20) // block):
+        kind = rng.randrange(3)
+        counts[kind] += 1
+        if kind == 0:
+            f.write(zeros)
+        elif kind == 1:
+            start = rng.randrange(len(pool) - block)
+            f.write(pool[start:start + block])
+        else:
+            f.write(b"\x01" + rng.randbytes(block - 1))  # never all zeros
+    f.flush()
+    os.fsync(f.fileno())
+print(f"blocks: {counts[0]} zero, {counts[1]} text-like, {counts[2]} random")
+PY
+
+PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+step "receiver on 127.0.0.1:$PORT, a PIT at every durable epoch"
+"$RECEIVER" init --dir "$D" --listen "127.0.0.1:$PORT" >/dev/null
+printf 'pit_interval = "0s"\n' >>"$D/receiver.toml"
+"$RECEIVER" enroll --dir "$D" --server web-1 --out "$WORK/web-1.bundle" >/dev/null
+"$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
+RECEIVER_PID=$!
+for _ in $(seq 1 100); do
+    grep -q "listening on" "$WORK/receiver.out" 2>/dev/null && break
+    sleep 0.1
+done
+grep -q "listening on" "$WORK/receiver.out" || { echo "receiver did not start:"; cat "$WORK/receiver.log"; exit 1; }
+
+step "agent: sync (the receiver takes the PIT before it acknowledges the flush)"
+t0=$EPOCHREALTIME
+"$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$IMG" --name data --state-dir "$WORK/agent-state"
+python3 -c "print(f'sync took {$EPOCHREALTIME - $t0:.1f} s')"
+stop_receiver
+
+"$RECEIVER" pits --dir "$D" --server web-1 --volume data
+NPITS=$("$RECEIVER" pits --dir "$D" --server web-1 --volume data --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+[ "$NPITS" -ge 1 ] || { echo "no PIT was taken" >&2; exit 1; }
+echo "store: $(du -sh "$D/store" | cut -f1) on disk"
+
+launch_cmd() {
+    "$RECEIVER" launch --dir "$D" --server web-1 --volume data --at latest --out "$LAUNCHED"
+}
+cp_cmd() {
+    cp --sparse=always "$IMG" "$COPY" && sync "$COPY"
+}
+
+# Outside the timed span: no outputs, nothing dirty, (as root) a cold page cache.
+prepare() {
+    rm -f "$LAUNCHED" "$COPY"
+    sync
+    if [ "$COLD" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+step "launch once and check the output"
+prepare
+launch_cmd
+cmp "$IMG" "$LAUNCHED"
+echo "launched image is byte-identical to the source; allocated: $(du -h "$LAUNCHED" | cut -f1) of $(du -h --apparent-size "$LAUNCHED" | cut -f1)"
+cp_cmd
+echo "cp --sparse=always copy allocated: $(du -h "$COPY" | cut -f1)"
+
+# Wall seconds of one run of "$@"; its output goes to $WORK/runs.log.
+timed() {
+    local t0 t1
+    prepare
+    t0=$EPOCHREALTIME
+    "$@" >>"$WORK/runs.log" 2>&1
+    t1=$EPOCHREALTIME
+    python3 -c "print(f'{$t1 - $t0:.3f}')"
+}
+
+step "timing $ROUNDS rounds ($([ "$COLD" = 1 ] && echo "cold page cache" || echo "WARM page cache"); load average before: $(cut -d' ' -f1-3 /proc/loadavg))"
+LAUNCH_T=()
+CP_T=()
+for r in $(seq 1 "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then
+        l=$(timed launch_cmd); c=$(timed cp_cmd)
+    else
+        c=$(timed cp_cmd); l=$(timed launch_cmd)
+    fi
+    LAUNCH_T+=("$l")
+    CP_T+=("$c")
+    printf 'round %d: launch %s s, cp %s s, cp/launch %s\n' "$r" "$l" "$c" \
+        "$(python3 -c "print(f'{$c / $l:.2f}')")"
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+grep -h "^launched" "$WORK/runs.log" | tail -1
+
+python3 - "$SIZE_MIB" "${LAUNCH_T[*]}" "${CP_T[*]}" <<'PY'
+import statistics, sys
+mib = int(sys.argv[1])
+launch = [float(x) for x in sys.argv[2].split()]
+cp = [float(x) for x in sys.argv[3].split()]
+ml, mc = statistics.median(launch), statistics.median(cp)
+gib = mib / 1024
+print(f"launch: median {ml:.2f} s ({gib / ml:.2f} GiB/s of volume), min {min(launch):.2f}, max {max(launch):.2f}")
+print(f"cp:     median {mc:.2f} s ({gib / mc:.2f} GiB/s of volume), min {min(cp):.2f}, max {max(cp):.2f}")
+pairs = [c / l for l, c in zip(launch, cp)]
+ratio = mc / ml
+print(f"ratio cp/launch (medians): {ratio:.2f}  (per round: {', '.join(f'{p:.2f}' for p in pairs)})")
+print(f"goal >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'}")
+PY
