@@ -20,12 +20,13 @@
 #      Both outputs are fsynced: launch fsyncs its file (and the directory)
 #      itself; `sync FILE` fsyncs the copy. Before each timed command both
 #      outputs are removed, dirty data is synced and (as root) the page cache
-#      is dropped, outside the timed span: each run starts cold, reading the
-#      store (launch) or the image (cp) from disk.
+#      is dropped, outside the timed span, followed by SETTLE (5) seconds of
+#      quiet: each run starts cold, reading the store (launch) or the image
+#      (cp) from disk.
 #   6. prints each run and the ratio cp / launch of the medians.
 #
 #   sudo ./scripts/bench-launch.sh
-#   sudo SIZE_MIB=1024 ROUNDS=5 KEEP=1 ./scripts/bench-launch.sh
+#   sudo SIZE_MIB=1024 ROUNDS=9 KEEP=1 ./scripts/bench-launch.sh
 #   sudo SKIP_BUILD=1 WORK=/srv/bench ./scripts/bench-launch.sh   # WORK: a directory to create
 #   ./scripts/bench-launch.sh           # without root: page cache NOT dropped (warm runs)
 #
@@ -35,7 +36,8 @@
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-4096}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
+SETTLE=${SETTLE:-5}
 SEED=${SEED:-1}
 
 for tool in python3 cmp; do
@@ -149,7 +151,8 @@ grep -q "listening on" "$WORK/receiver.out" || { echo "receiver did not start:";
 
 step "agent: sync (the receiver takes the PIT before it acknowledges the flush)"
 t0=$EPOCHREALTIME
-"$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$IMG" --name data --state-dir "$WORK/agent-state"
+"$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$IMG" --name data --state-dir "$WORK/agent-state" \
+    2>"$WORK/agent.log" || { echo "sync failed:"; tail -20 "$WORK/agent.log"; exit 1; }
 python3 -c "print(f'sync took {$EPOCHREALTIME - $t0:.1f} s')"
 stop_receiver
 
@@ -165,16 +168,20 @@ cp_cmd() {
     cp --sparse=always "$IMG" "$COPY" && sync "$COPY"
 }
 
-# Outside the timed span: no outputs, nothing dirty, (as root) a cold page cache.
+# Outside the timed span: no outputs, nothing dirty, (as root) a cold page
+# cache, then SETTLE seconds of quiet. Without the pause, whichever command ran
+# right after the other's 2.7 GiB output was deleted ran slower (the disk
+# still busy with the delete); the pause shrinks that order effect.
 prepare() {
     rm -f "$LAUNCHED" "$COPY"
     sync
     if [ "$COLD" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+    sleep "$SETTLE"
 }
 
 step "launch once and check the output"
 prepare
-launch_cmd
+launch_cmd 2>"$WORK/launch.log" || { echo "launch failed:"; tail -20 "$WORK/launch.log"; exit 1; }
 cmp "$IMG" "$LAUNCHED"
 echo "launched image is byte-identical to the source; allocated: $(du -h "$LAUNCHED" | cut -f1) of $(du -h --apparent-size "$LAUNCHED" | cut -f1)"
 cp_cmd
