@@ -488,7 +488,13 @@ impl ReceiverConfig {
 
     /// Reads and checks `D/receiver.toml`.
     pub fn load(dir: &Path) -> Result<ReceiverConfig, ConfigError> {
-        let path = Self::path(dir);
+        Self::load_file(&Self::path(dir), dir)
+    }
+
+    /// Reads and checks the configuration at `path` (`--config`; usually
+    /// `D/receiver.toml`) for the receiver directory `dir`.
+    pub fn load_file(path: &Path, dir: &Path) -> Result<ReceiverConfig, ConfigError> {
+        let path = path.to_path_buf();
         let text = fs::read_to_string(&path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 ConfigError::Missing {

@@ -79,6 +79,9 @@ struct StoreArgs {
     /// Receiver directory (its receiver.toml may name the store).
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
+    /// The configuration file (it may name the store) [default: DIR/receiver.toml].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The PIT store (file:///abs/path, /abs/path or s3://bucket/prefix)
     /// [default: receiver.toml's `store`, else DIR/store].
     #[arg(long, value_name = "URL")]
@@ -122,6 +125,9 @@ struct GcArgs {
     /// retention rules; without one, the defaults and DIR/store).
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
+    /// The configuration file (store and retention rules) [default: DIR/receiver.toml].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The PIT store (file:///abs/path, /abs/path or s3://bucket/prefix)
     /// [default: receiver.toml's `store`, else DIR/store].
     #[arg(long, value_name = "URL")]
@@ -194,6 +200,10 @@ struct ServeArgs {
     /// Receiver directory (made by `init`).
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
+    /// The configuration file read at start and on SIGHUP; flags override
+    /// it [default: DIR/receiver.toml].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Bind here instead of receiver.toml's `listen`.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -202,6 +212,14 @@ struct ServeArgs {
     /// receiver.toml's `metrics_listen`, else 127.0.0.1:9650].
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen_arg)]
     metrics_listen: Option<String>,
+}
+
+impl ServeArgs {
+    fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| ReceiverConfig::path(&self.dir))
+    }
 }
 
 fn parse_metrics_listen_arg(s: &str) -> Result<String, String> {
@@ -213,7 +231,7 @@ fn main() -> ExitCode {
     // `serve` takes its log filter from receiver.toml's `log_level` (unless
     // RUST_LOG sets one) and follows it on SIGHUP.
     let file_level = match &cli.command {
-        Command::Serve(args) => ReceiverConfig::load(&args.dir)
+        Command::Serve(args) => ReceiverConfig::load_file(&args.config_path(), &args.dir)
             .ok()
             .and_then(|c| c.log_level),
         _ => None,
@@ -428,11 +446,15 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
 /// hold only the store), with receiver.toml's `[s3]` settings. Every command
 /// that reads the store opens it here.
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
-    open_store_in(&args.dir, args.store.as_deref())
+    open_store_in(&args.dir, args.config.as_deref(), args.store.as_deref())
 }
 
-/// DIR/receiver.toml, or the defaults when DIR has none.
-fn config_or_default(dir: &Path) -> anyhow::Result<ReceiverConfig> {
+/// `--config FILE` (which must exist), else DIR/receiver.toml, else the
+/// defaults when DIR has none.
+fn config_or_default(dir: &Path, config: Option<&Path>) -> anyhow::Result<ReceiverConfig> {
+    if let Some(path) = config {
+        return Ok(ReceiverConfig::load_file(path, dir)?);
+    }
     match ReceiverConfig::load(dir) {
         Ok(c) => Ok(c),
         Err(ConfigError::Missing { .. }) => Ok(ReceiverConfig::new(SocketAddr::from((
@@ -444,8 +466,8 @@ fn config_or_default(dir: &Path) -> anyhow::Result<ReceiverConfig> {
 }
 
 /// [`open_store`] for a directory and an optional `--store`.
-fn open_store_in(dir: &Path, store: Option<&str>) -> anyhow::Result<Store> {
-    let config = config_or_default(dir)?;
+fn open_store_in(dir: &Path, config: Option<&Path>, store: Option<&str>) -> anyhow::Result<Store> {
+    let config = config_or_default(dir, config)?;
     let url = match store {
         Some(s) => StoreUrl::parse(s).context("--store")?,
         None => config.store_url(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -541,8 +563,8 @@ fn gc(args: &GcArgs) -> anyhow::Result<()> {
             ),
         },
     };
-    let config = config_or_default(&args.dir)?;
-    let store = open_store_in(&args.dir, args.store.as_deref())?;
+    let config = config_or_default(&args.dir, args.config.as_deref())?;
+    let store = open_store_in(&args.dir, args.config.as_deref(), args.store.as_deref())?;
     let opts = GcOptions {
         retention_now_unix_ms,
         grace: args.grace,
@@ -659,6 +681,7 @@ fn serve(args: &ServeArgs, log: LogControl) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(lifeboat_receiver::server::serve(
         &args.dir,
+        &args.config_path(),
         args.listen,
         args.metrics_listen.as_deref(),
         log,

@@ -212,15 +212,18 @@ struct PitDone {
     result: Result<crate::pitter::TakenPit, String>,
 }
 
-/// Runs the receiver until SIGINT or SIGTERM. `metrics_listen` (a socket
-/// address or `off`) overrides receiver.toml's `metrics_listen`.
+/// Runs the receiver until SIGINT or SIGTERM. `config_path` is the
+/// configuration read at start and again on SIGHUP (usually
+/// `dir/receiver.toml`); `listen` and `metrics_listen` (a socket address or
+/// `off`) override its `listen` and `metrics_listen`.
 pub async fn serve(
     dir: &Path,
+    config_path: &Path,
     listen: Option<SocketAddr>,
     metrics_listen: Option<&str>,
     mut log: lifeboat_telemetry::logs::LogControl,
 ) -> anyhow::Result<()> {
-    let config = ReceiverConfig::load(dir)?;
+    let config = ReceiverConfig::load_file(config_path, dir)?;
     let pki = Pki::open(dir)?;
     let tls = pki.server_tls_config()?;
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -294,9 +297,9 @@ pub async fn serve(
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                match ReceiverConfig::load(dir) {
+                match ReceiverConfig::load_file(config_path, dir) {
                     Ok(new) => {
-                        info!(config = %ReceiverConfig::path(dir).display(), "SIGHUP: reloading");
+                        info!(config = %config_path.display(), "SIGHUP: reloading");
                         receiver.live.reload(&current, &new);
                         if new.log_level != current.log_level {
                             log.reload(new.log_level.as_deref());
