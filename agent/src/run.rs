@@ -44,8 +44,8 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::state;
 use crate::sync::{
-    unix_ms, AgentStatus, EpochInterrupted, PassMode, Producer, ReplicationState, Replicator,
-    StatusTemplate, SyncOptions, TrackingMode,
+    state_name, unix_ms, AgentStatus, EpochInterrupted, PassMode, Producer, ReplicationState,
+    Replicator, StatusTemplate, SyncOptions, TrackingMode,
 };
 use crate::tracking::{TrackingError, WriteTracker};
 use crate::volume::VolumeKind;
@@ -142,20 +142,24 @@ pub async fn run_with_metrics(
     }
 }
 
-/// One volume's metrics, fed from the [`Replicator`]'s counters (it counts
-/// per pass; the deltas since the last look go to the Prometheus counters).
+/// One volume's metrics. The [`Replicator`] moves the byte counters per
+/// block and the state, lag, backlog and initial sync ratio every second of
+/// a pass (see [`Replicator::set_metrics`]); this sets them between passes.
 struct AgentMetrics {
     volume: Option<lifeboat_telemetry::VolumeMetrics>,
-    sent_seen: u64,
-    durable_seen: u64,
 }
 
 impl AgentMetrics {
     fn new(metrics: Option<&lifeboat_telemetry::ReplicationMetrics>, opts: &SyncOptions) -> Self {
         AgentMetrics {
             volume: metrics.map(|m| m.volume(opts.bundle.server.as_str(), opts.name.as_str())),
-            sent_seen: 0,
-            durable_seen: 0,
+        }
+    }
+
+    /// Hands the per-block counters to `rep`.
+    fn attach(&self, rep: &mut Replicator) {
+        if let Some(m) = &self.volume {
+            rep.set_metrics(m.clone());
         }
     }
 
@@ -185,31 +189,15 @@ impl AgentMetrics {
         }
     }
 
-    /// A pass ended: bytes sent so far; if it became durable (`durable`),
-    /// its bytes are replicated and the initial sync is done.
-    fn pass_ended(&mut self, rep: &Replicator, durable: bool) {
+    /// A pass ended: if it became durable (`durable`) the initial sync is
+    /// done, else it counts as an apply error.
+    fn pass_ended(&self, durable: bool) {
         let Some(m) = &self.volume else { return };
-        let s = &rep.summary;
-        m.add_sent_bytes(s.sent_bytes.saturating_sub(self.sent_seen));
-        self.sent_seen = self.sent_seen.max(s.sent_bytes);
         if durable {
-            m.add_replicated_bytes(s.changed_bytes.saturating_sub(self.durable_seen));
-            self.durable_seen = self.durable_seen.max(s.changed_bytes);
             m.set_initial_sync_ratio(1.0);
         } else {
             m.apply_error();
         }
-    }
-}
-
-/// The `lifeboat_state` label of a state.
-fn state_name(s: ReplicationState) -> &'static str {
-    match s {
-        ReplicationState::InitialSync => "INITIAL_SYNC",
-        ReplicationState::Rescan => "RESCAN",
-        ReplicationState::Continuous => "CONTINUOUS",
-        ReplicationState::Backlog => "BACKLOG",
-        ReplicationState::Stalled => "STALLED",
     }
 }
 
@@ -394,7 +382,7 @@ async fn replicate_volume(
     opts: SyncOptions,
     ro: RunOptions,
     mut shutdown: watch::Receiver<bool>,
-    mut am: AgentMetrics,
+    am: AgentMetrics,
 ) -> anyhow::Result<()> {
     let files = RunState::new(&opts);
     let kind = crate::volume::SourceVolume::open(&opts.volume_path)?.kind();
@@ -421,6 +409,7 @@ async fn replicate_volume(
             return Ok(());
         }
     };
+    am.attach(&mut rep);
     let geometry = rep.geometry();
     let bs = geometry.block_size.get() as u64;
     let mut dirty = DirtySet::default();
@@ -472,7 +461,7 @@ async fn replicate_volume(
         None => {
             am.full_pass(full_state);
             let pass = full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await;
-            am.pass_ended(&rep, pass.is_ok());
+            am.pass_ended(pass.is_ok());
             match pass {
                 Ok(()) => {}
                 Err(e) if e.is::<Stopped>() => {
@@ -570,7 +559,7 @@ async fn replicate_volume(
             full_pass_owed = true;
             am.full_pass(state);
             let pass = full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await;
-            am.pass_ended(&rep, pass.is_ok());
+            am.pass_ended(pass.is_ok());
             match pass {
                 Ok(()) => {
                     full_pass_owed = false;
@@ -775,7 +764,7 @@ async fn replicate_volume(
         )
         .await;
         if let Some(o) = &outcome {
-            am.pass_ended(&rep, o.is_ok());
+            am.pass_ended(o.is_ok());
         }
         let Some(outcome) = outcome else {
             // Stopped mid-epoch: the receiver discards the partial epoch; its

@@ -39,7 +39,7 @@ use lifeboat_protocol::session::{AgentEvent, SessionState};
 use lifeboat_protocol::{BlockSize, Bundle, VolumeGeometry, VolumeName};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::progress::Progress;
 use crate::scan::{scan_blocks, scan_volume, ChangedBlock, ScanOptions, ScanStats};
@@ -215,6 +215,12 @@ pub struct Replicator {
     pit_ask: Option<PitAsk>,
     /// An answer to that which came while the pass was still running.
     pit_answer: Option<(u64, PitOutcome)>,
+    /// Prometheus metrics of this volume (`run --metrics-listen`), moved as
+    /// blocks are sent and acknowledged.
+    metrics: Option<lifeboat_telemetry::VolumeMetrics>,
+    /// The span of the current connection (receiver address, connection
+    /// number), entered while a pass drives it.
+    conn_span: tracing::Span,
 }
 
 impl Replicator {
@@ -264,6 +270,7 @@ impl Replicator {
             ..Default::default()
         };
         let (mut link, welcome) = connect(&endpoint, addr, &opts, &hello, &mut summary).await?;
+        let conn_span = conn_span(addr, summary.connections);
         let index = match local {
             Some(ix)
                 if ix.volume_id == welcome.volume_id
@@ -309,6 +316,8 @@ impl Replicator {
             replica_epoch_at_open: welcome.durable_epoch,
             last_save: Instant::now(),
             pit_answer: None,
+            metrics: None,
+            conn_span,
         })
     }
 
@@ -414,8 +423,16 @@ impl Replicator {
             self.summary.fetched_digests = true;
         }
         self.next_epoch = self.next_epoch.max(welcome.durable_epoch + 1);
+        self.conn_span = conn_span(self.addr, self.summary.connections);
         self.link = Some(link);
         Ok(())
+    }
+
+    /// Records this volume's progress in `metrics` from now on: bytes sent
+    /// per block, bytes replicated per acknowledged block, state, lag,
+    /// backlog and the initial sync's progress every second of a pass.
+    pub fn set_metrics(&mut self, metrics: lifeboat_telemetry::VolumeMetrics) {
+        self.metrics = Some(metrics);
     }
 
     fn drop_link(&mut self) {
@@ -538,6 +555,7 @@ impl Replicator {
             status,
             total_blocks,
             stats: stats.clone(),
+            acknowledged: 0,
             producer_failed,
             // Full passes report at once; an epoch only if it takes a while
             // (between epochs the caller reports on its own cadence).
@@ -560,7 +578,9 @@ impl Replicator {
                 &self.index_path,
                 &mut self.rate,
                 &mut self.last_save,
+                self.metrics.as_ref(),
             )
+            .instrument(self.conn_span.clone())
             .await;
             match driven {
                 Ok(generation) => break Ok(generation),
@@ -591,6 +611,9 @@ impl Replicator {
                     for frame in frames {
                         self.summary.resent_blocks += 1;
                         self.summary.sent_blocks += 1;
+                        if let Some(m) = &self.metrics {
+                            m.add_sent_bytes(frame.payload.len() as u64);
+                        }
                         if link.send_block(frame).await.is_err() {
                             break;
                         }
@@ -749,6 +772,8 @@ pub async fn sync(opts: SyncOptions) -> anyhow::Result<SyncSummary> {
 /// A block sent and not yet acknowledged.
 struct InFlight {
     digest: BlockHash,
+    /// Uncompressed bytes, counted as replicated once acknowledged.
+    raw_len: u32,
     /// Kept for resending after a reconnect (resync passes only).
     frame: Option<WireBlock>,
 }
@@ -771,6 +796,8 @@ struct PassState {
     status: Option<StatusTemplate>,
     total_blocks: u64,
     stats: Arc<ScanStats>,
+    /// Blocks of this pass the receiver made durable.
+    acknowledged: u64,
     producer_failed: Arc<AtomicBool>,
     last_status: Instant,
 }
@@ -779,10 +806,13 @@ impl PassState {
     fn status(&self, block_size: u64) -> Option<AgentStatus> {
         let t = self.status?;
         let scanned = self.stats.scanned_blocks.load(Ordering::Relaxed);
+        // Done: the blocks read and found unchanged, and the changed blocks
+        // the receiver made durable (not those merely read or in flight).
+        let unchanged = scanned.saturating_sub(self.stats.changed_blocks.load(Ordering::Relaxed));
         let progress = if self.total_blocks == 0 {
             1.0
         } else {
-            scanned as f64 / self.total_blocks as f64
+            (unchanged + self.acknowledged) as f64 / self.total_blocks as f64
         };
         // An atomic epoch is acknowledged as a whole: all of it is backlog
         // until it is durable. A resync pass: what is unread or unacknowledged.
@@ -815,6 +845,22 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The span of the `n`th connection to the receiver at `addr`.
+fn conn_span(addr: SocketAddr, n: u32) -> tracing::Span {
+    tracing::info_span!("conn", receiver = %addr, n)
+}
+
+/// The `lifeboat_state` label (and status name) of a state.
+pub(crate) fn state_name(s: ReplicationState) -> &'static str {
+    match s {
+        ReplicationState::InitialSync => "INITIAL_SYNC",
+        ReplicationState::Rescan => "RESCAN",
+        ReplicationState::Continuous => "CONTINUOUS",
+        ReplicationState::Backlog => "BACKLOG",
+        ReplicationState::Stalled => "STALLED",
+    }
 }
 
 /// Opens a connection with bounded retries and exponential backoff.
@@ -921,6 +967,7 @@ async fn drive(
     index_path: &std::path::Path,
     rate: &mut RateLimiter,
     last_save: &mut Instant,
+    metrics: Option<&lifeboat_telemetry::VolumeMetrics>,
 ) -> Result<u64, LinkError> {
     let block_size = index.geometry.block_size.get() as u64;
     let mut last_progress = Instant::now();
@@ -941,6 +988,14 @@ async fn drive(
         if pass.last_status.elapsed() >= Duration::from_secs(1) {
             pass.last_status = Instant::now();
             if let Some(status) = pass.status(block_size) {
+                if let Some(m) = metrics {
+                    m.set_state(state_name(status.state));
+                    m.set_lag_seconds(status.lag_ms as f64 / 1000.0);
+                    m.set_backlog_bytes(status.backlog_bytes);
+                    if status.state == ReplicationState::InitialSync {
+                        m.set_initial_sync_ratio(f64::from(status.progress_ppm) / 1e6);
+                    }
+                }
                 link.session.report_status(status);
                 link.flush_control().await?;
             }
@@ -963,6 +1018,10 @@ async fn drive(
                                         *slot = f.digest;
                                     }
                                     summary.acknowledged_blocks += 1;
+                                    pass.acknowledged += 1;
+                                    if let Some(m) = metrics {
+                                        m.add_replicated_bytes(u64::from(f.raw_len));
+                                    }
                                 }
                             }
                         }
@@ -1004,10 +1063,13 @@ async fn drive(
                         summary.changed_bytes += b.raw_len as u64;
                         summary.sent_bytes += b.payload.len() as u64;
                         summary.sent_blocks += 1;
+                        if let Some(m) = metrics {
+                            m.add_sent_bytes(b.payload.len() as u64);
+                        }
                         let frame = encode_block(&b, pass.block_epoch);
                         let kept = (pass.mode == PassMode::Resync).then(|| frame.clone());
                         pass.in_flight_bytes += kept.as_ref().map_or(0, WireBlock::len);
-                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, frame: kept });
+                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, raw_len: b.raw_len, frame: kept });
                         link.send_block(frame).await?;
                     }
                 }

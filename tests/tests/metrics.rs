@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::{
-    binaries, change_blocks, free_tcp_port, poll, write_mixed_image, Receiver, Running, Sync,
-    BLOCK, SERVER,
+    binaries, change_blocks, free_tcp_port, poll, write_mixed_image, write_random_image, Receiver,
+    Running, Sync, BLOCK, SERVER,
 };
 
 /// Everything a scrape can take.
@@ -170,25 +170,27 @@ fn sigterm(agent: &Running) {
     assert!(ok, "cannot SIGTERM the agent");
 }
 
-fn run_agent(bundle: &Path, image: &Path, state: &Path, metrics: SocketAddr) -> Running {
-    Running::spawn(
-        &binaries().agent,
-        [
-            "run".as_ref(),
-            "--bundle".as_ref(),
-            bundle.as_os_str(),
-            "--volume".as_ref(),
-            image.as_os_str(),
-            "--name".as_ref(),
-            "data".as_ref(),
-            "--state-dir".as_ref(),
-            state.as_os_str(),
-            "--scan-interval".as_ref(),
-            "1s".as_ref(),
-            "--metrics-listen".as_ref(),
-            std::ffi::OsStr::new(&metrics.to_string()),
-        ],
-    )
+/// `lifeboat-agent run` of `image` as volume "data", scanning every second,
+/// with `--metrics-listen metrics` and the `extra` flags.
+fn run_agent(
+    bundle: &Path,
+    image: &Path,
+    state: &Path,
+    metrics: SocketAddr,
+    extra: &[&str],
+) -> Running {
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.arg("run")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--volume")
+        .arg(image)
+        .args(["--name", "data", "--state-dir"])
+        .arg(state)
+        .args(["--scan-interval", "1s", "--metrics-listen"])
+        .arg(metrics.to_string())
+        .args(extra);
+    Running::spawn_command(cmd)
 }
 
 #[test]
@@ -202,7 +204,7 @@ fn metrics_move_while_replicating_and_report_pits() {
     let mut image = write_mixed_image(&rx.image_path("m"), 256, BLOCK, 0x3e7c);
     let state = rx.agent_state("m");
     let agent_http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let agent = run_agent(&rx.bundle, &image.path, &state, agent_http);
+    let agent = run_agent(&rx.bundle, &image.path, &state, agent_http, &[]);
 
     // Initial sync done, replicating continuously: both ends say so.
     let a = scrape_until(agent_http, "agent never CONTINUOUS", |t| {
@@ -302,6 +304,52 @@ fn metrics_move_while_replicating_and_report_pits() {
         serde_json::from_str(&http_get(rx_http, "/api/status").unwrap()).unwrap();
     assert_eq!(api["volumes"][0]["status"]["volume"], "data", "{api}");
     assert!(api["volumes"][0]["pit_count"].as_u64() >= Some(1), "{api}");
+}
+
+/// During the initial sync (slowed to 2 MiB/s) the agent's counters move
+/// block by block and the ratio sits strictly between 0 and 1.
+#[test]
+fn agent_metrics_move_during_the_initial_sync() {
+    let rx = Receiver::start();
+    // 8 MiB of random data: about 4 s at the cap.
+    let image = write_random_image(
+        &rx.image_path("i"),
+        8 << 20 >> BLOCK.trailing_zeros(),
+        BLOCK,
+        0x51,
+    );
+    let state = rx.agent_state("i");
+    let agent_http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let agent = run_agent(
+        &rx.bundle,
+        &image.path,
+        &state,
+        agent_http,
+        &["--max-rate", "2MiB/s"],
+    );
+    let first = scrape_until(agent_http, "no progress seen in INITIAL_SYNC", |t| {
+        let ratio = sample(t, "lifeboat_initial_sync_ratio", &vol("data")).unwrap_or(0.0);
+        state_is(t, "data", "INITIAL_SYNC") && ratio > 0.0 && ratio < 0.75
+    });
+    let (_, sent) = counters(&first, "data");
+    assert!(sent > 0.0, "nothing counted as sent mid-sync:\n{first}");
+    let ratio = sample(&first, "lifeboat_initial_sync_ratio", &vol("data")).unwrap();
+    scrape_until(
+        agent_http,
+        "counters did not move within the initial sync",
+        |t| {
+            let (repl, now_sent) = counters(t, "data");
+            let now_ratio = sample(t, "lifeboat_initial_sync_ratio", &vol("data")).unwrap_or(0.0);
+            state_is(t, "data", "INITIAL_SYNC")
+                && now_sent > sent
+                && repl > 0.0
+                && now_ratio > ratio
+        },
+    );
+    scrape_until(agent_http, "initial sync never finished", |t| {
+        sample(t, "lifeboat_initial_sync_ratio", &vol("data")) == Some(1.0)
+    });
+    drop(agent);
 }
 
 #[test]
