@@ -114,14 +114,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = BufReader::with_capacity(READ_BUFFER, stream);
-    let negotiated = tokio::time::timeout(
-        config.handshake_timeout,
-        handshake(&mut conn, exports, config, shutdown),
-    )
-    .await
-    .map_err(|_| NbdError::HandshakeTimeout {
-        after: config.handshake_timeout,
-    })??;
+    let negotiated = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            info!("shutting down during the handshake");
+            return Ok(());
+        }
+        done = tokio::time::timeout(config.handshake_timeout, handshake(&mut conn, exports, config)) => {
+            done.map_err(|_| NbdError::HandshakeTimeout {
+                after: config.handshake_timeout,
+            })??
+        }
+    };
     let Some((name, export)) = negotiated else {
         return Ok(());
     };
@@ -206,7 +210,6 @@ async fn handshake<S>(
     conn: &mut BufReader<S>,
     exports: &dyn Exports,
     config: &ServerConfig,
-    shutdown: &CancellationToken,
 ) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -234,15 +237,7 @@ where
 
     for _ in 0..config.max_options {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
-        let got = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => {
-                info!("shutting down during option haggling");
-                return Ok(None);
-            }
-            got = read_message(conn, &mut header, "option header") => got?,
-        };
-        if !got {
+        if !read_message(conn, &mut header, "option header").await? {
             debug!("client left during option haggling");
             return Ok(None);
         }
