@@ -173,6 +173,9 @@ pub struct AgentConfig {
     pub log_level: Option<String>,
     /// `log_format`.
     pub log_format: Option<LogFormat>,
+    /// `nbd_listen`: serve the volumes (image files) as NBD exports here and
+    /// replicate them in write order.
+    pub nbd_listen: Option<crate::serve_nbd::NbdListen>,
 }
 
 /// The file as written: values as text, checked into [`AgentConfig`].
@@ -211,6 +214,8 @@ struct RawConfig {
     log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_listen: Option<String>,
     #[serde(default, rename = "volume", skip_serializing_if = "Vec::is_empty")]
     volumes: Vec<VolumeEntry>,
 }
@@ -326,6 +331,7 @@ impl AgentConfig {
             resync_max_rate: checked("resync_max_rate", &raw.resync_max_rate, parse_rate)?,
             block_size: checked("block_size", &raw.block_size, parse_block_size)?,
             log_level: checked("log_level", &raw.log_level, parse_log_level)?,
+            nbd_listen: checked("nbd_listen", &raw.nbd_listen, |s| s.parse())?,
             bundle: raw.bundle,
             state_dir: raw.state_dir,
             volumes: raw.volumes,
@@ -384,6 +390,7 @@ impl AgentConfig {
         diff("threads", self.threads != other.threads);
         diff("log_level", self.log_level != other.log_level);
         diff("log_format", self.log_format != other.log_format);
+        diff("nbd_listen", self.nbd_listen != other.nbd_listen);
         diff("volume", self.volumes != other.volumes);
         keys
     }
@@ -408,6 +415,7 @@ impl AgentConfig {
             threads: self.threads,
             log_level: self.log_level.clone(),
             log_format: self.log_format,
+            nbd_listen: self.nbd_listen.as_ref().map(|l| l.to_string()),
             volumes: self.volumes.clone(),
         }
     }
@@ -425,6 +433,7 @@ impl AgentConfig {
              #   max_rate = \"50MiB/s\" (default: no cap)   block_size = \"64KiB\"   streams = 4\n\
              #   threads = 2 (default: the cores)   log_level = \"info\"   log_format = \"text\"\n\
              #   resync_max_rate = \"20MiB/s\" (initial sync and rescans; default: max_rate)\n\
+             #   nbd_listen = \"127.0.0.1:10809\" (serve the image files over NBD; default: off)\n\
              # SIGHUP makes the agent re-read max_rate, resync_max_rate and log_level; other\n\
              # keys need a restart.\n\
              {body}"

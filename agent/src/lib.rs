@@ -8,6 +8,7 @@
 //! - [`state`]: the agent's persisted hash index.
 //! - [`transport`]: the QUIC connection, control and data streams.
 //! - [`sync`]: one replication pass, tying them together.
+//! - [`write_order`]: epochs cut at client FLUSHes of an image served over NBD.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -16,9 +17,11 @@ pub mod install;
 pub mod progress;
 pub mod run;
 pub mod scan;
+pub mod serve_nbd;
 pub mod state;
 pub mod sync;
 pub mod tls;
 pub mod tracking;
 pub mod transport;
 pub mod volume;
+pub mod write_order;

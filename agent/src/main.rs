@@ -130,6 +130,12 @@ struct RunArgs {
     /// 127.0.0.1:9651) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve every volume (a raw image file) as an NBD export named after
+    /// the volume, on HOST:PORT or a Unix socket (unix:/path), and replicate
+    /// it in exact write order: each client FLUSH closes an epoch. The agent
+    /// must then be the images' only writer. [default: off]
+    #[arg(long, value_name = "ADDR")]
+    nbd_listen: Option<lifeboat_agent::serve_nbd::NbdListen>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -523,6 +529,7 @@ fn run_continuous(
             .unwrap_or(config::DEFAULT_STALL_AFTER),
         force_scan: args.scan_only || file.scan_only == Some(true),
         freeze: args.freeze || file.freeze == Some(true),
+        nbd_listen: args.nbd_listen.clone().or(file.nbd_listen.clone()),
     };
     if let Some(path) = &config_path {
         info!(

@@ -65,6 +65,9 @@ pub struct RunOptions {
     pub force_scan: bool,
     /// Freeze the volume's mounted filesystem at each consistency point.
     pub freeze: bool,
+    /// Serve the volumes over NBD here and replicate them in write order
+    /// (see [`crate::serve_nbd`]).
+    pub nbd_listen: Option<crate::serve_nbd::NbdListen>,
 }
 
 /// What a clean stop leaves for the next start.
@@ -76,13 +79,13 @@ struct StopRecord {
 }
 
 /// Files of one volume's run state.
-struct RunState {
-    running: PathBuf,
+pub(crate) struct RunState {
+    pub(crate) running: PathBuf,
     stop: PathBuf,
 }
 
 impl RunState {
-    fn new(opts: &SyncOptions) -> Self {
+    pub(crate) fn new(opts: &SyncOptions) -> Self {
         let index = state::index_path(&opts.state_dir, &opts.bundle.server, &opts.name);
         RunState {
             running: index.with_extension("running"),
@@ -107,6 +110,9 @@ pub async fn run_with_metrics(
     shutdown: watch::Receiver<bool>,
     metrics: Option<Arc<lifeboat_telemetry::ReplicationMetrics>>,
 ) -> anyhow::Result<()> {
+    if let Some(listen) = ro.nbd_listen.clone() {
+        return run_served(volumes, ro, shutdown, metrics, listen).await;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for opts in volumes {
         let ro = ro.clone();
@@ -123,6 +129,61 @@ pub async fn run_with_metrics(
             .instrument(span),
         );
     }
+    join_volumes(tasks).await
+}
+
+/// [`run_with_metrics`] with `--nbd-listen`: serves the images, then
+/// replicates each in write order. On a stop the NBD server stops first (its
+/// clients are disconnected), then the volume tasks close their last epoch.
+async fn run_served(
+    volumes: Vec<SyncOptions>,
+    ro: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Option<Arc<lifeboat_telemetry::ReplicationMetrics>>,
+    listen: crate::serve_nbd::NbdListen,
+) -> anyhow::Result<()> {
+    use crate::serve_nbd::{replicate_served_volume, start_server, ServedImage};
+    let images = volumes
+        .iter()
+        .map(|o| ServedImage::open(o).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stop_nbd = tokio_util::sync::CancellationToken::new();
+    let server = start_server(&listen, &images, stop_nbd.clone()).await?;
+    let (inner_tx, inner_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (opts, image) in volumes.into_iter().zip(&images) {
+        let ro = ro.clone();
+        let shutdown = inner_rx.clone();
+        let am = AgentMetrics::new(metrics.as_deref(), &opts);
+        let span = info_span!("volume", name = %opts.name, path = %opts.volume_path.display());
+        let tracker = image.tracker();
+        tasks.spawn(
+            async move {
+                let name = opts.name.clone();
+                replicate_served_volume(opts, ro, shutdown, am, tracker)
+                    .await
+                    .with_context(|| format!("volume {name}"))
+            }
+            .instrument(span),
+        );
+    }
+    tokio::spawn(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        info!("stopping the NBD server");
+        stop_nbd.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .is_err()
+        {
+            warn!("NBD connections did not end within 10 s; stopping anyway");
+        }
+        let _ = inner_tx.send(true);
+    });
+    join_volumes(tasks).await
+}
+
+/// Waits for every volume task; the first error, after all ended.
+async fn join_volumes(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
         match done {
@@ -145,25 +206,28 @@ pub async fn run_with_metrics(
 /// One volume's metrics. The [`Replicator`] moves the byte counters per
 /// block and the state, lag, backlog and initial sync ratio every second of
 /// a pass (see [`Replicator::set_metrics`]); this sets them between passes.
-struct AgentMetrics {
+pub(crate) struct AgentMetrics {
     volume: Option<lifeboat_telemetry::VolumeMetrics>,
 }
 
 impl AgentMetrics {
-    fn new(metrics: Option<&lifeboat_telemetry::ReplicationMetrics>, opts: &SyncOptions) -> Self {
+    pub(crate) fn new(
+        metrics: Option<&lifeboat_telemetry::ReplicationMetrics>,
+        opts: &SyncOptions,
+    ) -> Self {
         AgentMetrics {
             volume: metrics.map(|m| m.volume(opts.bundle.server.as_str(), opts.name.as_str())),
         }
     }
 
     /// Hands the per-block counters to `rep`.
-    fn attach(&self, rep: &mut Replicator) {
+    pub(crate) fn attach(&self, rep: &mut Replicator) {
         if let Some(m) = &self.volume {
             rep.set_metrics(m.clone());
         }
     }
 
-    fn status(&self, s: &AgentStatus) {
+    pub(crate) fn status(&self, s: &AgentStatus) {
         if let Some(m) = &self.volume {
             m.set_state(state_name(s.state));
             m.set_lag_seconds(s.lag_ms as f64 / 1000.0);
@@ -171,14 +235,14 @@ impl AgentMetrics {
         }
     }
 
-    fn state(&self, state: &str) {
+    pub(crate) fn state(&self, state: &str) {
         if let Some(m) = &self.volume {
             m.set_state(state);
         }
     }
 
     /// A full pass starts (`InitialSync`: the ratio starts at 0; `Rescan`: counted).
-    fn full_pass(&self, state: ReplicationState) {
+    pub(crate) fn full_pass(&self, state: ReplicationState) {
         if let Some(m) = &self.volume {
             m.set_state(state_name(state));
             match state {
@@ -191,7 +255,7 @@ impl AgentMetrics {
 
     /// A pass ended: if it became durable (`durable`) the initial sync is
     /// done, else it counts as an apply error.
-    fn pass_ended(&self, durable: bool) {
+    pub(crate) fn pass_ended(&self, durable: bool) {
         let Some(m) = &self.volume else { return };
         if durable {
             m.set_initial_sync_ratio(1.0);
@@ -460,7 +524,7 @@ async fn replicate_volume(
         }
         None => {
             am.full_pass(full_state);
-            let pass = full_pass(&mut rep, &tracking, &ro, full_state, &mut shutdown).await;
+            let pass = full_pass(&mut rep, tracking.mode, &ro, full_state, &mut shutdown).await;
             am.pass_ended(pass.is_ok());
             match pass {
                 Ok(()) => {}
@@ -558,7 +622,7 @@ async fn replicate_volume(
             last_scan = Instant::now();
             full_pass_owed = true;
             am.full_pass(state);
-            let pass = full_pass(&mut rep, &tracking, &ro, state, &mut shutdown).await;
+            let pass = full_pass(&mut rep, tracking.mode, &ro, state, &mut shutdown).await;
             am.pass_ended(pass.is_ok());
             match pass {
                 Ok(()) => {
@@ -658,7 +722,7 @@ async fn replicate_volume(
                         drop(frozen.take());
                         full_pass(
                             &mut rep,
-                            &tracking,
+                            tracking.mode,
                             &ro,
                             ReplicationState::Rescan,
                             &mut shutdown,
@@ -934,7 +998,7 @@ impl FreezeStats {
 /// up on the volume: everything but a replica recreated under us, or a
 /// geometry, name, version or certificate the receiver refuses — those need
 /// an operator.
-fn is_retryable(e: &anyhow::Error) -> bool {
+pub(crate) fn is_retryable(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
     let permanent = [
         "was recreated",
@@ -965,9 +1029,9 @@ fn status_now(
     }
 }
 
-async fn full_pass(
+pub(crate) async fn full_pass(
     rep: &mut Replicator,
-    tracking: &Tracking,
+    tracking: TrackingMode,
     ro: &RunOptions,
     state: ReplicationState,
     shutdown: &mut watch::Receiver<bool>,
@@ -984,7 +1048,7 @@ async fn full_pass(
     info!(state = ?state, "full pass over the volume");
     let template = StatusTemplate {
         state,
-        tracking: tracking.mode,
+        tracking,
         scan_interval_s: ro.scan_interval.as_secs() as u32,
         oldest_change: None,
         extra_backlog: 0,
@@ -1009,10 +1073,10 @@ async fn full_pass(
 /// The agent was asked to stop during a full pass.
 #[derive(Debug, thiserror::Error)]
 #[error("stopped during a full pass")]
-struct Stopped;
+pub(crate) struct Stopped;
 
 /// Runs `fut` unless and until a stop is requested; `None` if stopped.
-async fn or_shutdown<T>(
+pub(crate) async fn or_shutdown<T>(
     shutdown: &mut watch::Receiver<bool>,
     fut: impl std::future::Future<Output = T>,
 ) -> Option<T> {

@@ -22,6 +22,22 @@ use lifeboat_protocol::VolumeGeometry;
 
 use crate::volume::{SourceVolume, VolumeError};
 
+/// Where [`scan_blocks`] reads listed blocks from: the source volume, or a
+/// view of it frozen at one point of the write stream
+/// ([`crate::write_order::EpochTracker`]).
+pub trait ReadBlocks: Send + Sync + std::fmt::Debug {
+    /// Reads `len` bytes at `offset`; `first` names the first block for the
+    /// error message. Offsets and lengths are block-aligned (the volume's
+    /// last block may be short).
+    fn read_bytes(&self, offset: u64, len: usize, first: u64) -> Result<Bytes, VolumeError>;
+}
+
+impl ReadBlocks for SourceVolume {
+    fn read_bytes(&self, offset: u64, len: usize, first: u64) -> Result<Bytes, VolumeError> {
+        SourceVolume::read_bytes(self, offset, len, first)
+    }
+}
+
 /// A block whose digest differs from the reference, ready to send.
 #[derive(Clone, Debug)]
 pub struct ChangedBlock {
@@ -290,7 +306,7 @@ pub fn diff_parallel(
 /// the blocks a change tracker marked dirty; contiguous blocks are read
 /// together. Runs on the calling thread.
 pub fn scan_blocks(
-    volume: &SourceVolume,
+    volume: &dyn ReadBlocks,
     geometry: VolumeGeometry,
     blocks: &[(u64, BlockHash)],
     opts: &ScanOptions,

@@ -160,6 +160,15 @@ pub enum Producer {
     Blocks(Vec<u64>),
     /// Blocks already read and compared (see [`Replicator::prepare_blocks`]).
     Prepared(Vec<ChangedBlock>),
+    /// These blocks (sorted, distinct) read through `view` instead of the
+    /// volume, compared with the reference: an image frozen at one point of
+    /// its write stream ([`crate::write_order::EpochTracker`]).
+    Frozen {
+        /// Where the blocks are read.
+        view: Arc<dyn crate::scan::ReadBlocks>,
+        /// Which blocks.
+        blocks: Vec<u64>,
+    },
 }
 
 /// What one pass did.
@@ -230,22 +239,7 @@ impl Replicator {
         let volume = Arc::new(SourceVolume::open(&opts.volume_path)?);
         let index_path = state::index_path(&opts.state_dir, &server, &opts.name);
         let local = state::load_index(&index_path);
-        let block_size = opts
-            .block_size
-            .or(local.as_ref().map(|ix| ix.geometry.block_size))
-            .unwrap_or_default();
-        let geometry = VolumeGeometry::new(volume.size(), block_size)?;
-        if let Some(ix) = &local {
-            if ix.geometry != geometry && !opts.resize {
-                bail!(
-                    "volume {} changed since the last sync: it was {}, it is now {}; \
-                     run again with --resize to re-seed the replica with the new geometry",
-                    opts.volume_path.display(),
-                    ix.geometry,
-                    geometry
-                );
-            }
-        }
+        let geometry = local_geometry(&opts, volume.size(), local.as_ref())?;
         let hello = Hello {
             min_version: lifeboat_protocol::frame::MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
@@ -265,7 +259,7 @@ impl Replicator {
             server: server.to_string(),
             volume: opts.name.to_string(),
             volume_bytes: geometry.volume_bytes,
-            block_size: block_size.get(),
+            block_size: geometry.block_size.get(),
             blocks: geometry.block_count(),
             ..Default::default()
         };
@@ -367,7 +361,7 @@ impl Replicator {
         std::thread::scope(|s| {
             s.spawn(|| {
                 scan_blocks(
-                    &self.volume,
+                    &*self.volume,
                     self.geometry,
                     &wanted,
                     &self.opts.scan,
@@ -475,6 +469,7 @@ impl Replicator {
         let total_blocks = match &producer {
             Producer::FullScan => self.geometry.block_count(),
             Producer::Blocks(b) => b.len() as u64,
+            Producer::Frozen { blocks, .. } => blocks.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
         };
         let producer_failed = Arc::new(AtomicBool::new(false));
@@ -516,11 +511,29 @@ impl Replicator {
                     }
                     Ok(())
                 }),
+                Producer::Frozen { view, blocks } => {
+                    let wanted = self.with_reference(&blocks);
+                    tokio::task::spawn_blocking(move || {
+                        drop(volume);
+                        let r = scan_blocks(
+                            &*view,
+                            geometry,
+                            &wanted,
+                            &scan_opts,
+                            &stats,
+                            &stop,
+                            &changed_tx,
+                        );
+                        failed.store(r.is_err(), Ordering::SeqCst);
+                        drop(changed_tx);
+                        r
+                    })
+                }
                 Producer::Blocks(blocks) => {
                     let wanted = self.with_reference(&blocks);
                     tokio::task::spawn_blocking(move || {
                         let r = scan_blocks(
-                            &volume,
+                            &*volume,
                             geometry,
                             &wanted,
                             &scan_opts,
@@ -845,6 +858,34 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The geometry a volume of `size` bytes replicates with: `--block-size`,
+/// else the block size of the agent's index `local`, else the default;
+/// refused (naming the volume) if it differs from the index's and
+/// `--resize` was not given.
+pub fn local_geometry(
+    opts: &SyncOptions,
+    size: u64,
+    local: Option<&HashIndex>,
+) -> anyhow::Result<VolumeGeometry> {
+    let block_size = opts
+        .block_size
+        .or(local.map(|ix| ix.geometry.block_size))
+        .unwrap_or_default();
+    let geometry = VolumeGeometry::new(size, block_size)?;
+    if let Some(ix) = local {
+        if ix.geometry != geometry && !opts.resize {
+            bail!(
+                "volume {} changed since the last sync: it was {}, it is now {}; \
+                 run again with --resize to re-seed the replica with the new geometry",
+                opts.volume_path.display(),
+                ix.geometry,
+                geometry
+            );
+        }
+    }
+    Ok(geometry)
 }
 
 /// The span of the `n`th connection to the receiver at `addr`.

@@ -225,6 +225,14 @@ impl Export for FileExport {
     }
 }
 
+/// Makes `len` bytes of `file` at `offset` read back as zeroes the way
+/// [`FileExport::write_zeroes`] does (a hole, or a zeroed range with
+/// `no_hole`, else plain writes unless `fast`), without syncing. For exports
+/// that wrap a file themselves.
+pub fn zero_range(file: &File, offset: u64, len: u32, flags: ZeroFlags) -> io::Result<()> {
+    FileExport::zero_blocking(file, offset, len, flags)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

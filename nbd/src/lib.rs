@@ -38,6 +38,6 @@ pub mod session;
 
 pub use error::NbdError;
 pub use export::{errno_for, Export, ExportMap, Exports, IoFuture, ZeroFlags};
-pub use file::FileExport;
+pub use file::{zero_range, FileExport};
 pub use mem::MemExport;
 pub use server::{serve_connection, serve_connection_until, Server, ServerConfig};

@@ -271,6 +271,9 @@ pub enum TrackingMode {
     Tracepoints = 1,
     /// Periodic full scans (tracepoints unavailable, or a regular file).
     PeriodicScan = 2,
+    /// Every write passes through the agent's NBD export; epochs are cut at
+    /// the client's FLUSHes, in write order.
+    NbdWriteOrder = 3,
 }
 
 impl TrackingMode {
@@ -280,16 +283,19 @@ impl TrackingMode {
             0 => TrackingMode::OneShot,
             1 => TrackingMode::Tracepoints,
             2 => TrackingMode::PeriodicScan,
+            3 => TrackingMode::NbdWriteOrder,
             _ => return None,
         })
     }
 
-    /// The name `status` shows (`one-shot`, `tracepoints`, `periodic-scan`).
+    /// The name `status` shows (`one-shot`, `tracepoints`, `periodic-scan`,
+    /// `nbd-write-order`).
     pub fn name(self) -> &'static str {
         match self {
             TrackingMode::OneShot => "one-shot",
             TrackingMode::Tracepoints => "tracepoints",
             TrackingMode::PeriodicScan => "periodic-scan",
+            TrackingMode::NbdWriteOrder => "nbd-write-order",
         }
     }
 }

@@ -101,15 +101,18 @@ pub enum Tracking {
     Tracepoints,
     /// Periodic full scans.
     PeriodicScan,
+    /// Writes seen in order through the agent's NBD export.
+    NbdWriteOrder,
 }
 
 impl Tracking {
-    /// The name (`one-shot`, `tracepoints`, `periodic-scan`).
+    /// The name (`one-shot`, `tracepoints`, `periodic-scan`, `nbd-write-order`).
     pub fn name(self) -> &'static str {
         match self {
             Tracking::OneShot => "one-shot",
             Tracking::Tracepoints => "tracepoints",
             Tracking::PeriodicScan => "periodic-scan",
+            Tracking::NbdWriteOrder => "nbd-write-order",
         }
     }
 }
@@ -120,6 +123,7 @@ impl From<TrackingMode> for Tracking {
             TrackingMode::OneShot => Tracking::OneShot,
             TrackingMode::Tracepoints => Tracking::Tracepoints,
             TrackingMode::PeriodicScan => Tracking::PeriodicScan,
+            TrackingMode::NbdWriteOrder => Tracking::NbdWriteOrder,
         }
     }
 }
