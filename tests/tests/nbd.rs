@@ -44,12 +44,33 @@ fn qemu_missing() -> Option<String> {
 /// A running `lifeboat-agent run --nbd-listen` serving `image` as [`VOLUME`].
 struct NbdAgent {
     running: Option<Running>,
-    port: u16,
+    url: String,
 }
 
 impl NbdAgent {
+    /// Serves on a free TCP port of 127.0.0.1.
     fn start(rx: &Receiver, image: &Path, state: &Path) -> NbdAgent {
         let port = free_tcp_port();
+        NbdAgent::start_on(
+            rx,
+            image,
+            state,
+            &format!("127.0.0.1:{port}"),
+            format!("nbd://127.0.0.1:{port}/{VOLUME}"),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        )
+    }
+
+    /// Serves on `listen` (`--nbd-listen`); `url` is the export's URL for
+    /// qemu, `up` tells when it accepts connections.
+    fn start_on(
+        rx: &Receiver,
+        image: &Path,
+        state: &Path,
+        listen: &str,
+        url: String,
+        up: impl Fn() -> bool,
+    ) -> NbdAgent {
         let mut cmd = Command::new(&binaries().agent);
         cmd.arg("run")
             .arg("--bundle")
@@ -58,33 +79,30 @@ impl NbdAgent {
             .arg(image)
             .args(["--name", VOLUME, "--state-dir"])
             .arg(state)
-            .args(["--nbd-listen", &format!("127.0.0.1:{port}")]);
+            .args(["--nbd-listen", listen]);
         let mut running = Running::spawn_command(cmd);
-        let up = poll(Duration::from_secs(30), || {
+        let serving = poll(Duration::from_secs(30), || {
             if running.has_exited() {
                 return true;
             }
-            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            let ok = up();
             if !ok {
                 std::thread::sleep(Duration::from_millis(50));
             }
             ok
         });
-        if !up || running.has_exited() {
+        if !serving || running.has_exited() {
             let out = running.kill();
-            panic!(
-                "the agent did not serve NBD on port {port}:\n{}",
-                out.stderr
-            );
+            panic!("the agent did not serve NBD on {listen}:\n{}", out.stderr);
         }
         NbdAgent {
             running: Some(running),
-            port,
+            url,
         }
     }
 
     fn url(&self) -> String {
-        format!("nbd://127.0.0.1:{}/{VOLUME}", self.port)
+        self.url.clone()
     }
 
     /// Runs `qemu-io` with `commands` against the export (each run ends with
@@ -174,10 +192,10 @@ fn wait_identical(rx: &Receiver, image: &Path, agent: &NbdAgent, timeout: Durati
     }
     assert!(
         ok,
-        "staging never caught up with the image within {timeout:?}: {last}\nstatus: {:?}\nreceiver log:\n{}\nagent on port {}",
+        "staging never caught up with the image within {timeout:?}: {last}\nstatus: {:?}\nreceiver log:\n{}\nagent serving {}",
         status_row(rx),
         rx.log(),
-        agent.port
+        agent.url
     );
     let (same, text) = compare(s(image), s(&staging));
     assert!(same, "qemu-img compare: {text}");
@@ -385,6 +403,35 @@ fn receiver_killed_between_flushes_keeps_the_image_of_one_flush() {
         full_passes, 1,
         "only the start's full pass, none after the receiver came back:\n{}",
         out.stderr
+    );
+}
+
+#[test]
+fn serves_on_a_unix_socket() {
+    const NAME: &str = "serves_on_a_unix_socket";
+    if let Some(reason) = qemu_missing() {
+        skip(NAME, &reason);
+        return;
+    }
+    let rx = Receiver::start();
+    let image = rx.image_path("vm1");
+    make_image(&image, 8);
+    let socket = rx.tmp.path().join("nbd.sock");
+    let agent = NbdAgent::start_on(
+        &rx,
+        &image,
+        &rx.agent_state("vm1"),
+        &format!("unix:{}", socket.display()),
+        format!("nbd+unix:///{VOLUME}?socket={}", socket.display()),
+        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+    );
+    agent.qemu_io(&["write -P 0x5a 1M 2M".into(), "write -P 0x5b 7M 1M".into()]);
+    wait_identical(&rx, &image, &agent, Duration::from_secs(60));
+    let out = agent.stop();
+    assert!(out.status.success(), "agent run failed:\n{}", out.stderr);
+    assert!(
+        !socket.exists(),
+        "the socket file is removed at a clean stop"
     );
 }
 
