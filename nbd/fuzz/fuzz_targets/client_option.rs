@@ -11,8 +11,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Mostly the known options, sometimes any number.
-    let option = if selector < 16 { u32::from(selector) } else { u32::from(selector) << 8 };
-    if let Ok(ClientOption::Info(req) | ClientOption::Go(req)) = ClientOption::parse(option, payload) {
+    let option = if selector < 16 {
+        u32::from(selector)
+    } else {
+        u32::from(selector) << 8
+    };
+    if let Ok(ClientOption::Info(req) | ClientOption::Go(req)) =
+        ClientOption::parse(option, payload)
+    {
         assert!(option == OPT_INFO || option == OPT_GO);
         let mut out = BytesMut::new();
         req.encode_payload(&mut out);

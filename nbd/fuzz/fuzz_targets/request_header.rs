@@ -23,11 +23,15 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(&out[..], &data[..proto::REQUEST_HEADER_LEN]);
 
     let tail = &data[proto::REQUEST_HEADER_LEN..];
-    let size = tail.first().map_or(1 << 20, |b| u64::from(*b) << (tail.len() % 40));
+    let size = tail
+        .first()
+        .map_or(1 << 20, |b| u64::from(*b) << (tail.len() % 40));
     let read_only = tail.get(1).is_some_and(|b| b & 1 == 1);
     let max = tail.get(2).map_or(1 << 16, |b| (u32::from(*b) + 1) << 8);
     let inside = |offset: u64, length: u32| {
-        offset.checked_add(u64::from(length)).is_some_and(|end| end <= size)
+        offset
+            .checked_add(u64::from(length))
+            .is_some_and(|end| end <= size)
     };
     match admit_request(&header, size, read_only, max) {
         Admission::Read { offset, length } => assert!(length <= max && inside(offset, length)),
@@ -38,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(!read_only && inside(offset, length))
         }
         Admission::Reject { discard, .. } => {
-            let expected = if header.command == proto::CMD_WRITE { header.length } else { 0 };
+            let expected = if header.command == proto::CMD_WRITE {
+                header.length
+            } else {
+                0
+            };
             assert_eq!(discard, expected);
         }
         Admission::Flush => assert_eq!(header.command, proto::CMD_FLUSH),
