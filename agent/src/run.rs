@@ -647,13 +647,7 @@ async fn replicate_volume(
             continue;
         }
         let lag = dirty.oldest().map_or(Duration::ZERO, |o| o.elapsed());
-        let state = if !dirty.blocks.is_empty() && last_durable.elapsed() > ro.stall_after {
-            ReplicationState::Stalled
-        } else if lag > ro.lag_threshold {
-            ReplicationState::Backlog
-        } else {
-            ReplicationState::Continuous
-        };
+        let state = replication_state(!dirty.blocks.is_empty(), last_durable, lag, &ro);
         // With --freeze, what the last thaw wrote (ext4 marks its superblock
         // as mounted again) waits for the next real write and goes in that
         // frozen epoch: the replica keeps the clean frozen image meanwhile,
@@ -991,6 +985,24 @@ impl FreezeStats {
                 "long filesystem freeze"
             );
         }
+    }
+}
+
+/// The state between passes: STALLED when changes wait (`pending`) and
+/// nothing became durable for `stall_after`, BACKLOG when the oldest change
+/// waits longer than `lag_threshold`, else CONTINUOUS.
+pub(crate) fn replication_state(
+    pending: bool,
+    last_durable: Instant,
+    lag: Duration,
+    ro: &RunOptions,
+) -> ReplicationState {
+    if pending && last_durable.elapsed() > ro.stall_after {
+        ReplicationState::Stalled
+    } else if lag > ro.lag_threshold {
+        ReplicationState::Backlog
+    } else {
+        ReplicationState::Continuous
     }
 }
 

@@ -27,7 +27,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::run::{
-    full_pass, is_retryable, or_shutdown, AgentMetrics, RunOptions, RunState, Stopped,
+    full_pass, is_retryable, or_shutdown, replication_state, AgentMetrics, RunOptions, RunState,
+    Stopped,
 };
 use crate::sync::{
     unix_ms, AgentStatus, PassMode, Producer, ReplicationState, Replicator, StatusTemplate,
@@ -418,13 +419,7 @@ pub(crate) async fn replicate_served_volume(
             if backlog.blocks == 0 {
                 last_durable = Instant::now();
             }
-            let state = if backlog.blocks > 0 && last_durable.elapsed() > ro.stall_after {
-                ReplicationState::Stalled
-            } else if lag > ro.lag_threshold {
-                ReplicationState::Backlog
-            } else {
-                ReplicationState::Continuous
-            };
+            let state = replication_state(backlog.blocks > 0, last_durable, lag, &ro);
             let status = AgentStatus {
                 state,
                 progress_ppm: 1_000_000,

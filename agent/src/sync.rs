@@ -511,29 +511,17 @@ impl Replicator {
                     }
                     Ok(())
                 }),
-                Producer::Frozen { view, blocks } => {
-                    let wanted = self.with_reference(&blocks);
-                    tokio::task::spawn_blocking(move || {
-                        drop(volume);
-                        let r = scan_blocks(
-                            &*view,
-                            geometry,
-                            &wanted,
-                            &scan_opts,
-                            &stats,
-                            &stop,
-                            &changed_tx,
-                        );
-                        failed.store(r.is_err(), Ordering::SeqCst);
-                        drop(changed_tx);
-                        r
-                    })
-                }
-                Producer::Blocks(blocks) => {
+                Producer::Frozen { .. } | Producer::Blocks(_) => {
+                    let (reader, blocks): (Arc<dyn crate::scan::ReadBlocks>, Vec<u64>) =
+                        match producer {
+                            Producer::Frozen { view, blocks } => (view, blocks),
+                            Producer::Blocks(blocks) => (volume, blocks),
+                            _ => unreachable!("matched above"),
+                        };
                     let wanted = self.with_reference(&blocks);
                     tokio::task::spawn_blocking(move || {
                         let r = scan_blocks(
-                            &*volume,
+                            &*reader,
                             geometry,
                             &wanted,
                             &scan_opts,

@@ -1273,3 +1273,50 @@ pub fn pits_are_taken_listed_and_launched_exactly(store: PitStore<'_>) {
         out_d.display()
     );
 }
+
+/// Copies the replica of [`SERVER`]'s volume `volume` from the receiver `rx`
+/// (which must not be running) into the directory `into`, with or without
+/// its epoch journal, and opens the copy the way a restarted receiver does
+/// (`Replica::open` replays a committed epoch journal and discards an
+/// uncommitted one). `before_open` sees the copy's paths first, e.g. to read
+/// the journal as the kill left it. Returns the copy's paths, what
+/// `before_open` returned and the copy's durable epoch after opening.
+pub fn recover_replica_copy<T>(
+    rx: &Receiver,
+    volume: &str,
+    into: &Path,
+    with_epoch_journal: bool,
+    before_open: impl FnOnce(&lifeboat_receiver::replica::ReplicaPaths) -> T,
+) -> (lifeboat_receiver::replica::ReplicaPaths, T, u64) {
+    use lifeboat_protocol::index::HashIndex;
+    use lifeboat_protocol::{ServerName, VolumeName};
+    use lifeboat_receiver::replica::{Replica, ReplicaPaths};
+    let server = ServerName::new(SERVER).expect("server name");
+    let vol = VolumeName::new(volume).expect("volume name");
+    let orig = ReplicaPaths::new(&rx.dir, &server, &vol, rx.staging(volume));
+    let index = HashIndex::decode(&std::fs::read(&orig.index).expect("read the index"))
+        .expect("decode the index");
+    let staging = into
+        .join("staging")
+        .join(SERVER)
+        .join(format!("{volume}.img"));
+    let paths = ReplicaPaths::new(into, &server, &vol, staging.clone());
+    std::fs::create_dir_all(staging.parent().expect("staging dir")).expect("create dirs");
+    std::fs::create_dir_all(paths.index.parent().expect("state dir")).expect("create dirs");
+    std::fs::copy(&orig.staging, &paths.staging).expect("copy staging");
+    std::fs::copy(&orig.index, &paths.index).expect("copy index");
+    let mut journals = vec![(&orig.journal, &paths.journal)];
+    if with_epoch_journal {
+        journals.push((&orig.epoch_journal, &paths.epoch_journal));
+    }
+    for (from, to) in journals {
+        if from.exists() {
+            std::fs::copy(from, to).expect("copy a journal");
+        }
+    }
+    let seen = before_open(&paths);
+    let replica = Replica::open(server, vol, paths.clone(), index.geometry, false)
+        .expect("open the copied replica as a restarted receiver would");
+    let epoch = replica.durable_epoch();
+    (paths, seen, epoch)
+}

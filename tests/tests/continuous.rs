@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lifeboat_protocol::index::HashIndex;
-use lifeboat_protocol::{ServerName, VolumeName};
-use lifeboat_receiver::replica::{Replica, ReplicaPaths};
+use lifeboat_receiver::replica::ReplicaPaths;
 use lifeboat_tests::{
     assert_identical, attach, attach_with, binaries, change_blocks, file_digest, first_difference,
-    loop_unavailable, run, skip, write_mixed_image, write_random_image, LoopDevice, Receiver,
-    BLOCK, SERVER,
+    loop_unavailable, recover_replica_copy, run, skip, write_mixed_image, write_random_image,
+    LoopDevice, Receiver, BLOCK, SERVER,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -894,45 +892,20 @@ struct Recovered {
 /// (`Replica::open` replays a committed epoch journal or discards an
 /// uncommitted one).
 fn recovered_copy(rx: &Receiver, volume: &str, into: &Path) -> Recovered {
-    let server = ServerName::new(SERVER).expect("server name");
-    let vol = VolumeName::new(volume).expect("volume name");
-    let orig = ReplicaPaths::new(&rx.dir, &server, &vol, rx.staging(volume));
-    let index = HashIndex::decode(&std::fs::read(&orig.index).unwrap()).expect("decode index");
-    // Copies the replica into `dir` (with or without its epoch journal) and
-    // opens it as a restarted receiver would.
-    let open_copy = |dir: &Path, with_epoch_journal: bool| {
-        let staging = dir
-            .join("staging")
-            .join(SERVER)
-            .join(format!("{volume}.img"));
-        let paths = ReplicaPaths::new(dir, &server, &vol, staging.clone());
-        std::fs::create_dir_all(staging.parent().unwrap()).unwrap();
-        std::fs::create_dir_all(paths.index.parent().unwrap()).unwrap();
-        std::fs::copy(&orig.staging, &paths.staging).expect("copy staging");
-        std::fs::copy(&orig.index, &paths.index).expect("copy index");
-        let mut journals = vec![(&orig.journal, &paths.journal)];
-        if with_epoch_journal {
-            journals.push((&orig.epoch_journal, &paths.epoch_journal));
-        }
-        for (from, to) in journals {
-            if from.exists() {
-                std::fs::copy(from, to).expect("copy a journal");
-            }
-        }
-        let journal = (
+    let journal_state = |paths: &ReplicaPaths| {
+        (
             epoch_journal_state(&paths.epoch_journal),
             committed_epoch(&paths.epoch_journal),
-        );
-        let replica = Replica::open(server.clone(), vol.clone(), paths, index.geometry, false)
-            .expect("open the copied replica as a restarted receiver would");
-        (staging, journal, replica.durable_epoch())
+        )
     };
     // What the receiver had acknowledged: the index plus the epochs whose
     // digests are in the journal, without the epoch in flight.
-    let (_, _, epoch_before) = open_copy(&into.join("acknowledged"), false);
-    let (staging, (journal, committed), epoch_after) = open_copy(into, true);
+    let (_, _, epoch_before) =
+        recover_replica_copy(rx, volume, &into.join("acknowledged"), false, |_| ());
+    let (paths, (journal, committed), epoch_after) =
+        recover_replica_copy(rx, volume, into, true, journal_state);
     Recovered {
-        staging,
+        staging: paths.staging,
         journal,
         committed,
         epoch_before,

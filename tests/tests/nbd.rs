@@ -13,15 +13,13 @@
 //! Needs qemu-io and qemu-img (qemu-utils); skipped, and reported, without
 //! them. Every wait is bounded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lifeboat_protocol::index::HashIndex;
-use lifeboat_protocol::{ServerName, VolumeName};
-use lifeboat_receiver::replica::{Replica, ReplicaPaths};
 use lifeboat_tests::{
-    binaries, file_digest, free_tcp_port, poll, run, skip, Outcome, Receiver, Running, SERVER,
+    binaries, file_digest, free_tcp_port, poll, recover_replica_copy, run, skip, Outcome, Receiver,
+    Running,
 };
 
 const VOLUME: &str = "vm1";
@@ -308,36 +306,6 @@ fn qemu_writes_through_the_export_replicate_exactly() {
     );
 }
 
-/// Opens a copy of the dead receiver's replica of [`VOLUME`] the way a
-/// restarted receiver does (replaying or discarding its epoch journal) and
-/// returns the copied staging volume.
-fn recovered_copy(rx: &Receiver, into: &Path) -> PathBuf {
-    let server = ServerName::new(SERVER).expect("server name");
-    let vol = VolumeName::new(VOLUME).expect("volume name");
-    let orig = ReplicaPaths::new(&rx.dir, &server, &vol, rx.staging(VOLUME));
-    let index = HashIndex::decode(&std::fs::read(&orig.index).unwrap()).expect("decode index");
-    let staging = into
-        .join("staging")
-        .join(SERVER)
-        .join(format!("{VOLUME}.img"));
-    let paths = ReplicaPaths::new(into, &server, &vol, staging.clone());
-    std::fs::create_dir_all(staging.parent().unwrap()).unwrap();
-    std::fs::create_dir_all(paths.index.parent().unwrap()).unwrap();
-    std::fs::copy(&orig.staging, &paths.staging).expect("copy staging");
-    std::fs::copy(&orig.index, &paths.index).expect("copy index");
-    for (from, to) in [
-        (&orig.journal, &paths.journal),
-        (&orig.epoch_journal, &paths.epoch_journal),
-    ] {
-        if from.exists() {
-            std::fs::copy(from, to).expect("copy a journal");
-        }
-    }
-    Replica::open(server, vol, paths, index.geometry, false)
-        .expect("open the copied replica as a restarted receiver would");
-    staging
-}
-
 #[test]
 fn receiver_killed_between_flushes_keeps_the_image_of_one_flush() {
     const NAME: &str = "receiver_killed_between_flushes_keeps_the_image_of_one_flush";
@@ -373,7 +341,9 @@ fn receiver_killed_between_flushes_keeps_the_image_of_one_flush() {
         agent.qemu_io(&step(k));
         states.push(file_digest(&image));
     }
-    let copy = recovered_copy(&rx, &rx.tmp.path().join("recovered"));
+    let (copy, _, _) =
+        recover_replica_copy(&rx, VOLUME, &rx.tmp.path().join("recovered"), true, |_| ());
+    let copy = copy.staging;
     let got = file_digest(&copy);
     let at = states.iter().position(|d| *d == got);
     assert!(
