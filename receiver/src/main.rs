@@ -72,6 +72,21 @@ enum Command {
     /// deletes a chunk a PIT being taken may need. Reads the store directly;
     /// no `serve` needed (one gc at a time: a second fails naming the lock).
     Gc(GcArgs),
+    /// Revoke a source server's client certificates: every certificate ever
+    /// issued to it stops working at once. A running `serve` refuses its new
+    /// connections and closes its live ones within a second. `enroll --force`
+    /// afterwards issues a new certificate (a new bundle) that works.
+    Revoke(RevokeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RevokeArgs {
+    /// Receiver directory (made by `init`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The source server whose certificates to revoke.
+    #[arg(long, value_name = "NAME")]
+    server: ServerName,
 }
 
 #[derive(clap::Args, Debug)]
@@ -249,6 +264,7 @@ fn main() -> ExitCode {
         Command::Pits(args) => pits(&args),
         Command::Launch(args) => launch(&args),
         Command::Gc(args) => gc(&args),
+        Command::Revoke(args) => revoke(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -547,6 +563,30 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
         r.blocks_fetched,
         r.blocks_zero,
         r.elapsed
+    );
+    Ok(())
+}
+
+/// `revoke`: adds every certificate of the server to the revocation list.
+fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
+    let pki = Pki::open(&args.dir)?;
+    let added = pki.revoke(&args.server)?;
+    if added.is_empty() {
+        println!(
+            "every certificate issued to {} was already revoked",
+            args.server
+        );
+    } else {
+        for serial in &added {
+            println!("revoked certificate {serial} of {}", args.server);
+        }
+    }
+    println!(
+        "A running serve refuses them from now on and closes their connections within a second.\n\
+         To let {} replicate again: lifeboat-receiver enroll --dir {} --server {} --out FILE --force",
+        args.server,
+        args.dir.display(),
+        args.server
     );
     Ok(())
 }

@@ -18,6 +18,8 @@
 //! | `D/pki/server.pem`          | 0644 | receiver certificate, serverAuth (5 years) |
 //! | `D/pki/server.key`          | 0600 | its private key                            |
 //! | `D/pki/issued/<server>.pem` | 0644 | latest client certificate issued to it     |
+//! | `D/pki/issued/<server>.<serial>.pem` | 0644 | earlier ones, kept for `revoke`   |
+//! | `D/pki/revoked.txt`         | 0644 | revoked serials: `<serial hex> <server> <unix s>` |
 //!
 //! All keys are ECDSA P-256. `D/pki` is built in a hidden sibling directory and
 //! renamed into place, so a crash during `init` leaves either no PKI or a whole one.
@@ -37,9 +39,15 @@
 //! Certificates are backdated by one hour to tolerate clock skew between the
 //! receiver and its agents.
 //!
-//! There is no revocation yet: re-enrolling a server issues a new certificate and
-//! replaces the `issued/` record, but the earlier certificate stays valid until it
-//! expires.
+//! # Revocation
+//! `lifeboat-receiver revoke --server NAME` ([`Pki::revoke`]) adds the serial of
+//! every certificate ever issued to NAME (the current record and the earlier
+//! ones `enroll` archived) to `D/pki/revoked.txt`. `serve` checks each new
+//! connection's certificate serial against that list ([`Revocations`]) and,
+//! within a second of the file changing, closes live connections whose
+//! certificate was revoked. Re-enrolling afterwards issues a new serial, which
+//! is not revoked. Re-enrolling without revoking leaves the earlier
+//! certificate valid until it expires (the usual reason to revoke).
 
 use std::fs;
 use std::net::IpAddr;
@@ -121,6 +129,14 @@ pub enum PkiError {
         what: &'static str,
         /// The underlying error.
         source: rcgen::Error,
+    },
+    /// `revoke` was asked for a server that was never enrolled.
+    #[error("no certificate was ever issued to {server:?} (see {})", dir.display())]
+    NeverIssued {
+        /// The server name.
+        server: String,
+        /// `D/pki/issued`.
+        dir: PathBuf,
     },
     /// A peer's certificate does not name a valid source server.
     #[error("peer certificate: {0}")]
@@ -439,7 +455,8 @@ impl Pki {
 
     /// Issues `server` a client certificate (CN = its name, clientAuth, 5 years)
     /// signed by the CA, and records it in `D/pki/issued/<server>.pem`, replacing
-    /// any earlier record (the earlier certificate stays valid: no revocation yet).
+    /// the record (the earlier one is archived as `<server>.<serial>.pem`; the
+    /// earlier certificate stays valid until it expires or is revoked).
     pub fn issue_client(&self, server: &ServerName) -> Result<IssuedClient, PkiError> {
         let ca_key_path = self.ca_key_path();
         let ca_key_pem = read_to_string(&ca_key_path, &self.dir)?;
@@ -473,10 +490,98 @@ impl Pki {
         };
 
         let record = self.issued_path(server);
+        // The earlier certificate stays valid until it expires or is revoked:
+        // keep its record so `revoke` can find its serial.
+        if let Ok(old) = fs::read_to_string(&record) {
+            if let Some(serial) = serial_of_pem(&old) {
+                let archive = record.with_file_name(format!("{server}.{serial}.pem"));
+                fsutil::write_atomic(&archive, old.as_bytes(), 0o644).map_err(io_err(&archive))?;
+            }
+        }
         fsutil::write_atomic(&record, issued.cert_pem.as_bytes(), 0o644)
             .map_err(io_err(&record))?;
         tracing::info!(%server, record = %record.display(), "issued client certificate");
         Ok(issued)
+    }
+
+    /// `D/pki/revoked.txt`.
+    pub fn revoked_path(&self) -> PathBuf {
+        self.pki_dir().join("revoked.txt")
+    }
+
+    /// The serials (hex) of every certificate issued to `server`: the current
+    /// record and the archived earlier ones.
+    pub fn issued_serials(&self, server: &ServerName) -> Result<Vec<String>, PkiError> {
+        let dir = self.pki_dir().join("issued");
+        let entries = fs::read_dir(&dir).map_err(io_err(&dir))?;
+        let current = format!("{server}.pem");
+        let archived = format!("{server}.");
+        let mut serials = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_archive = name.strip_prefix(&archived).is_some_and(|rest| {
+                rest.strip_suffix(".pem").is_some_and(|hex| {
+                    !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())
+                })
+            });
+            if name != current && !is_archive {
+                continue;
+            }
+            let path = entry.path();
+            let pem = read_to_string(&path, &self.dir)?;
+            let serial = serial_of_pem(&pem).ok_or_else(|| PkiError::Corrupt {
+                path: path.clone(),
+                reason: "not a PEM certificate".into(),
+            })?;
+            serials.push(serial);
+        }
+        serials.sort();
+        serials.dedup();
+        Ok(serials)
+    }
+
+    /// Revokes every certificate issued to `server`: their serials are added
+    /// to `D/pki/revoked.txt` (written atomically). Returns the serials newly
+    /// revoked (empty if all already were).
+    pub fn revoke(&self, server: &ServerName) -> Result<Vec<String>, PkiError> {
+        let serials = self.issued_serials(server)?;
+        if serials.is_empty() {
+            return Err(PkiError::NeverIssued {
+                server: server.to_string(),
+                dir: self.pki_dir().join("issued"),
+            });
+        }
+        let path = self.revoked_path();
+        let mut text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(PkiError::Io { path, source: e }),
+        };
+        let known = Revocations::parse(&text);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut added = Vec::new();
+        for serial in serials {
+            if !known.is_revoked(&serial) {
+                text.push_str(&format!("{serial} {server} {now}\n"));
+                added.push(serial);
+            }
+        }
+        if !added.is_empty() {
+            fsutil::write_atomic(&path, text.as_bytes(), 0o644).map_err(io_err(&path))?;
+            tracing::info!(%server, serials = ?added, "revoked client certificates");
+        }
+        Ok(added)
+    }
+
+    /// The revoked serials (none if `D/pki/revoked.txt` does not exist).
+    pub fn revocations(&self) -> Result<Revocations, PkiError> {
+        let path = self.revoked_path();
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(Revocations::parse(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Revocations::default()),
+            Err(e) => Err(PkiError::Io { path, source: e }),
+        }
     }
 
     /// The rustls configuration `serve` uses: TLS 1.3 only, aws-lc-rs, the receiver
@@ -524,6 +629,66 @@ impl Pki {
         config.alpn_protocols = vec![ALPN_LIFEBOAT_V1.to_vec()];
         Ok(config)
     }
+}
+
+/// Revoked certificate serials (lowercase hex), from `D/pki/revoked.txt`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revocations {
+    serials: std::collections::HashSet<String>,
+}
+
+impl Revocations {
+    /// Parses the file's lines (`<serial hex> <server> <unix s>`); the serial
+    /// is what counts, unreadable lines are skipped.
+    pub fn parse(text: &str) -> Revocations {
+        Revocations {
+            serials: text
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|s| s.chars().all(|c| c.is_ascii_hexdigit()))
+                .map(str::to_ascii_lowercase)
+                .collect(),
+        }
+    }
+
+    /// Whether the certificate with this serial (hex) is revoked.
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.serials.contains(&serial_hex.to_ascii_lowercase())
+    }
+
+    /// How many serials are revoked.
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.serials.is_empty()
+    }
+}
+
+/// The serial number of a DER certificate, as lowercase hex without leading
+/// zero bytes.
+pub fn cert_serial_hex(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::PeerCert(format!("not an X.509 certificate: {e}")))?;
+    Ok(hex_serial(cert.raw_serial()))
+}
+
+fn hex_serial(raw: &[u8]) -> String {
+    let trimmed = match raw.iter().position(|&b| b != 0) {
+        Some(i) => &raw[i..],
+        None => &raw[raw.len().saturating_sub(1)..],
+    };
+    trimmed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The serial (hex) of the first certificate in a PEM text.
+fn serial_of_pem(pem: &str) -> Option<String> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    cert_serial_hex(der.as_ref()).ok()
 }
 
 /// The source server a client certificate was issued to: its subject CN, validated
@@ -709,6 +874,36 @@ pub(crate) mod tests {
             lifeboat_agent::tls::client_tls_config(&bundle).unwrap_err()
         );
         assert!(e.contains("client_key"), "{e}");
+    }
+
+    #[test]
+    fn revoke_lists_every_certificate_ever_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::create(dir.path(), &[]).unwrap();
+        let server = ServerName::new("web-1").unwrap();
+        let first = bundle_for(&pki, "web-1");
+        let second = bundle_for(&pki, "web-1");
+        let serial = |pem: &str| serial_of_pem(pem).unwrap();
+        let (a, b) = (serial(&first.client_cert), serial(&second.client_cert));
+        assert_ne!(a, b);
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort();
+        assert_eq!(pki.issued_serials(&server).unwrap(), want);
+        assert!(pki.revocations().unwrap().is_empty());
+        assert_eq!(pki.revoke(&server).unwrap(), want);
+        let r = pki.revocations().unwrap();
+        assert!(r.is_revoked(&a) && r.is_revoked(&b.to_uppercase()));
+        assert!(pki.revoke(&server).unwrap().is_empty(), "already revoked");
+        // A new certificate is not revoked.
+        let third = bundle_for(&pki, "web-1");
+        assert!(!pki.revocations().unwrap().is_revoked(&serial(&third.client_cert)));
+        assert!(matches!(
+            pki.revoke(&ServerName::new("db-9").unwrap()),
+            Err(PkiError::NeverIssued { .. })
+        ));
+        assert_eq!(hex_serial(&[0, 0, 0x0a, 0xff]), "0aff");
+        assert_eq!(hex_serial(&[0]), "00");
+        assert_eq!(Revocations::parse("zz web-1 1\n\n0A web 2\n").len(), 1);
     }
 
     #[test]

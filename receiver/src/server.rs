@@ -109,6 +109,63 @@ pub struct Receiver {
     live: Live,
     /// Metrics, the status page and its API.
     telemetry: Arc<Telemetry>,
+    /// Revoked client certificates (`D/pki/revoked.txt`), reloaded when the
+    /// file changes.
+    revoked: RevocationWatch,
+}
+
+/// Application close code for a connection whose certificate is revoked.
+const CLOSE_REVOKED: u32 = 7;
+
+/// `D/pki/revoked.txt` as last read, with the file's identity then.
+struct RevocationWatch {
+    path: PathBuf,
+    state: Mutex<(
+        Option<(std::time::SystemTime, u64)>,
+        crate::pki::Revocations,
+    )>,
+}
+
+impl RevocationWatch {
+    fn new(pki: &Pki) -> anyhow::Result<RevocationWatch> {
+        let watch = RevocationWatch {
+            path: pki.revoked_path(),
+            state: Mutex::new((None, crate::pki::Revocations::default())),
+        };
+        watch.refresh()?;
+        Ok(watch)
+    }
+
+    /// Rereads the file if it changed since the last look; whether it did.
+    fn refresh(&self) -> anyhow::Result<bool> {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 == stamp {
+            return Ok(false);
+        }
+        let revocations = match std::fs::read_to_string(&self.path) {
+            Ok(text) => crate::pki::Revocations::parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the revocation list {}",
+                    self.path.display()
+                )))
+            }
+        };
+        *state = (stamp, revocations);
+        Ok(true)
+    }
+
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .is_revoked(serial)
+    }
 }
 
 /// What can change without a restart (SIGHUP re-reads receiver.toml).
@@ -225,6 +282,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let config = ReceiverConfig::load_file(config_path, dir)?;
     let pki = Pki::open(dir)?;
+    let revoked = RevocationWatch::new(&pki)?;
     let tls = pki.server_tls_config()?;
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
@@ -269,7 +327,9 @@ pub async fn serve(
         pits_running: Mutex::new(HashMap::new()),
         live,
         telemetry,
+        revoked,
     });
+    spawn_revocation_watch(&receiver);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
@@ -474,9 +534,77 @@ impl EpochGate {
 
 async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> anyhow::Result<()> {
     let server = peer_server_name(&conn)?;
+    // Checked per connection, against the list as it is now.
+    if let Err(e) = receiver.revoked.refresh() {
+        warn!("{e:#}; using the revocation list read before");
+    }
+    let serial = peer_cert_serial(&conn)?;
+    if receiver.revoked.is_revoked(&serial) {
+        warn!(%server, %serial, "refused a revoked client certificate");
+        conn.close(
+            CLOSE_REVOKED.into(),
+            format!("the certificate of {server} (serial {serial}) is revoked").as_bytes(),
+        );
+        anyhow::bail!("certificate {serial} of {server} is revoked");
+    }
     // The volume is known after the Hello; it is recorded into the span then.
     let span = info_span!("server", server = %server, volume = tracing::field::Empty);
     drive_session(receiver, conn, server).instrument(span).await
+}
+
+/// The serial (hex) of the peer's verified certificate.
+fn peer_cert_serial(conn: &quinn::Connection) -> anyhow::Result<String> {
+    let identity = conn
+        .peer_identity()
+        .context("peer presented no certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
+    let leaf = certs
+        .first()
+        .context("peer presented an empty certificate chain")?;
+    Ok(crate::pki::cert_serial_hex(leaf.as_ref())?)
+}
+
+/// Every second: if the revocation list changed, closes the live connections
+/// whose certificate it now revokes.
+fn spawn_revocation_watch(receiver: &Arc<Receiver>) {
+    let weak = Arc::downgrade(receiver);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(receiver) = weak.upgrade() else {
+                return;
+            };
+            match receiver.revoked.refresh() {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    warn!("{e:#}");
+                    continue;
+                }
+            }
+            let active: Vec<((ServerName, VolumeName), quinn::Connection)> =
+                match receiver.active.lock() {
+                    Ok(a) => a.iter().map(|(k, c)| (k.clone(), c.clone())).collect(),
+                    Err(_) => continue,
+                };
+            for ((server, volume), conn) in active {
+                let Ok(serial) = peer_cert_serial(&conn) else {
+                    continue;
+                };
+                if receiver.revoked.is_revoked(&serial) {
+                    warn!(%server, %volume, %serial, "certificate revoked: closing its connection");
+                    conn.close(
+                        CLOSE_REVOKED.into(),
+                        format!("the certificate of {server} (serial {serial}) is revoked")
+                            .as_bytes(),
+                    );
+                }
+            }
+        }
+    });
 }
 
 fn peer_server_name(conn: &quinn::Connection) -> anyhow::Result<ServerName> {

@@ -467,3 +467,109 @@ async fn malformed_frames_do_not_hurt_the_receiver() {
         "receiver should log the malformed frame:\n{log}"
     );
 }
+
+/// `revoke` cuts a server off at once: its running agent's connection is
+/// closed within seconds, the old bundle is refused, naming the revocation,
+/// and a fresh `enroll` lets it back in.
+#[test]
+fn revoke_cuts_a_server_off_at_once() {
+    use lifeboat_tests::{poll, Running, Sync, SERVER};
+    let rx = Receiver::start();
+    let image = write_mixed_image(&rx.image_path("r"), 32, BLOCK, 0xf0_0009);
+    let state = rx.agent_state("r");
+    let out = Sync::new(&rx.bundle, &image.path, "data", &state).run();
+    assert!(out.status.success(), "first sync: {}", out.stderr);
+
+    let mut agent = Running::spawn(
+        &lifeboat_tests::binaries().agent,
+        [
+            "run".as_ref(),
+            "--bundle".as_ref(),
+            rx.bundle.as_os_str(),
+            "--volume".as_ref(),
+            image.path.as_os_str(),
+            "--name".as_ref(),
+            "data".as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--scan-interval".as_ref(),
+            "1s".as_ref(),
+        ],
+    );
+    let connected = poll(Duration::from_secs(30), || {
+        let out = rx.command(&["status", "--json"]);
+        let ok = out.stdout.contains("CONTINUOUS");
+        if !ok {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ok
+    });
+    assert!(connected, "the agent never replicated continuously");
+
+    let out = rx.command(&["revoke", "--server", SERVER]);
+    assert!(out.status.success(), "revoke failed: {}", out.stderr);
+    assert!(out.stdout.contains("revoked certificate"), "{}", out.stdout);
+
+    // The running agent is cut off (its connection closed, reconnects refused).
+    let stopped = poll(Duration::from_secs(30), || {
+        let done = agent.has_exited();
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    let out = agent.kill();
+    assert!(
+        stopped,
+        "the agent kept running after revoke:\n{}",
+        out.stderr
+    );
+    assert!(!out.status.success(), "the agent exited 0 after revoke");
+    assert!(
+        out.stderr.contains("revoked"),
+        "the agent should say why:\n{}",
+        out.stderr
+    );
+    assert!(
+        rx.log()
+            .contains("certificate revoked: closing its connection")
+            || rx.log().contains("refused a revoked client certificate"),
+        "receiver log:\n{}",
+        rx.log()
+    );
+
+    // The old bundle is refused, naming the revocation.
+    let out = Sync::new(&rx.bundle, &image.path, "data", &state).run();
+    let err = out.expect_failure();
+    assert!(err.contains("revoked"), "{err}");
+
+    // Revoking again changes nothing; a server never enrolled is an error.
+    let out = rx.command(&["revoke", "--server", SERVER]);
+    assert!(out.stdout.contains("already revoked"), "{}", out.stdout);
+    let err = rx
+        .command(&["revoke", "--server", "never-enrolled"])
+        .expect_failure()
+        .to_string();
+    assert!(
+        err.contains("never-enrolled") && err.contains("no certificate"),
+        "{err}"
+    );
+
+    // A new enrollment works; the receiver is still serving.
+    let fresh = rx.tmp.path().join("fresh.bundle");
+    let out = rx.command(&[
+        "enroll",
+        "--server",
+        SERVER,
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "enroll: {}", out.stderr);
+    let out = Sync::new(&fresh, &image.path, "data", &state).run();
+    assert!(
+        out.status.success(),
+        "sync with the new bundle: {}",
+        out.stderr
+    );
+    assert_identical(&image.path, &rx.staging("data"));
+}
