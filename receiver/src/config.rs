@@ -375,6 +375,9 @@ pub struct ReceiverConfig {
     /// [`DEFAULT_METRICS_LISTEN`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// `[limits]`: caps that keep one peer from harming the others.
+    #[serde(skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
     /// Per-volume staging overrides.
     #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStaging>,
@@ -404,12 +407,69 @@ struct RawConfig {
     s3: Option<S3Config>,
     gc_interval: Option<String>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    limits: Limits,
     #[serde(default, rename = "volume")]
     volumes: Vec<VolumeStaging>,
     #[serde(default)]
     retention: RetentionRules,
     #[serde(default, rename = "retention_override")]
     retention_overrides: Vec<RetentionOverride>,
+}
+
+/// `[limits]` of receiver.toml: what one peer may take (defaults in the
+/// `DEFAULT_*` constants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections served at once, all agents together; more are refused
+    /// during the QUIC handshake.
+    pub max_connections: u32,
+    /// Connections one source server (one certificate name) may hold at once
+    /// (an agent uses one per volume); more are closed at once.
+    pub max_connections_per_server: u32,
+    /// Volumes one source server may create on this receiver; a Hello for a
+    /// new volume beyond it is rejected (existing volumes keep working).
+    pub max_volumes_per_server: u32,
+}
+
+/// Default [`Limits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Default [`Limits::max_connections_per_server`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_SERVER: u32 = 64;
+/// Default [`Limits::max_volumes_per_server`].
+pub const DEFAULT_MAX_VOLUMES_PER_SERVER: u32 = 256;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_server: DEFAULT_MAX_CONNECTIONS_PER_SERVER,
+            max_volumes_per_server: DEFAULT_MAX_VOLUMES_PER_SERVER,
+        }
+    }
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (key, v) in [
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_server",
+                self.max_connections_per_server,
+            ),
+            ("max_volumes_per_server", self.max_volumes_per_server),
+        ] {
+            if v == 0 {
+                return Err(format!("[limits] {key} = 0: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Parses a data rate such as `50MiB/s` (or `50MiB`): above zero.
@@ -478,6 +538,7 @@ impl ReceiverConfig {
             volumes: Vec::new(),
             retention: RetentionRules::default(),
             retention_overrides: Vec::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -534,6 +595,7 @@ impl ReceiverConfig {
             volumes: raw.volumes,
             retention: raw.retention,
             retention_overrides: raw.retention_overrides,
+            limits: raw.limits,
         };
         config.check().map_err(ParseError::Invalid)?;
         Ok(config)
@@ -550,6 +612,7 @@ impl ReceiverConfig {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.limits.check()?;
         match split_host_port(&self.advertise) {
             Some((_, 0)) => {
                 return Err(format!(

@@ -896,7 +896,10 @@ pub(crate) mod tests {
         assert!(pki.revoke(&server).unwrap().is_empty(), "already revoked");
         // A new certificate is not revoked.
         let third = bundle_for(&pki, "web-1");
-        assert!(!pki.revocations().unwrap().is_revoked(&serial(&third.client_cert)));
+        assert!(!pki
+            .revocations()
+            .unwrap()
+            .is_revoked(&serial(&third.client_cert)));
         assert!(matches!(
             pki.revoke(&ServerName::new("db-9").unwrap()),
             Err(PkiError::NeverIssued { .. })

@@ -56,7 +56,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,38 @@ pub struct Receiver {
     /// Revoked client certificates (`D/pki/revoked.txt`), reloaded when the
     /// file changes.
     revoked: RevocationWatch,
+    /// Connections being served (for `[limits] max_connections`).
+    connections: Arc<AtomicUsize>,
+    /// Connections per source server (`max_connections_per_server`).
+    per_server: Arc<Mutex<HashMap<ServerName, usize>>>,
+}
+
+/// Application close code for a connection over a limit.
+const CLOSE_LIMIT: u32 = 8;
+
+/// Counts one connection, in the receiver-wide `count` or in the server's
+/// entry of a per-server map, until dropped.
+struct ConnectionSlot {
+    count: Option<Arc<AtomicUsize>>,
+    server: Option<(Arc<Mutex<HashMap<ServerName, usize>>>, ServerName)>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some(count) = &self.count {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some((map, server)) = &self.server {
+            if let Ok(mut m) = map.lock() {
+                if let Some(n) = m.get_mut(server) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(server);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Application close code for a connection whose certificate is revoked.
@@ -328,6 +360,8 @@ pub async fn serve(
         live,
         telemetry,
         revoked,
+        connections: Arc::new(AtomicUsize::new(0)),
+        per_server: Arc::new(Mutex::new(HashMap::new())),
     });
     spawn_revocation_watch(&receiver);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -336,11 +370,20 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let receiver = receiver.clone();
                 let peer = incoming.remote_address();
+                let cap = receiver.config.limits.max_connections as usize;
+                if receiver.connections.fetch_add(1, Ordering::Relaxed) >= cap {
+                    receiver.connections.fetch_sub(1, Ordering::Relaxed);
+                    warn!(%peer, max_connections = cap, "connection refused: the receiver serves its maximum of connections");
+                    incoming.refuse();
+                    continue;
+                }
+                let slot = ConnectionSlot { count: Some(receiver.connections.clone()), server: None };
+                let receiver = receiver.clone();
                 tokio::spawn(async move {
                     let span = info_span!("conn", %peer);
                     async move {
+                        let _slot = slot;
                         match incoming.await {
                             Ok(conn) => {
                                 if let Err(e) = handle_connection(receiver, conn).await {
@@ -547,6 +590,29 @@ async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> 
         );
         anyhow::bail!("certificate {serial} of {server} is revoked");
     }
+    let cap = receiver.config.limits.max_connections_per_server as usize;
+    let held = {
+        let mut m = receiver
+            .per_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(server.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let _slot = ConnectionSlot {
+        count: None,
+        server: Some((receiver.per_server.clone(), server.clone())),
+    };
+    if held > cap {
+        warn!(%server, max_connections_per_server = cap, "connection closed: the server holds its maximum of connections");
+        conn.close(
+            CLOSE_LIMIT.into(),
+            format!("{server} already holds {cap} connections (max_connections_per_server)")
+                .as_bytes(),
+        );
+        anyhow::bail!("{server} already holds {cap} connections");
+    }
     // The volume is known after the Hello; it is recorded into the span then.
     let span = info_span!("server", server = %server, volume = tracing::field::Empty);
     drive_session(receiver, conn, server).instrument(span).await
@@ -734,6 +800,11 @@ async fn drive_session(
                             continue;
                         }
                         _guard = Some(Arc::new(ActiveGuard { receiver: receiver.clone(), key, conn_id: conn.stable_id() }));
+                        if let Err(why) = volume_allowed(&receiver, &server, &hello.volume) {
+                            warn!(volume = %hello.volume, "{why}");
+                            session.reject(RejectCode::Unauthorized, why);
+                            continue;
+                        }
                         let resize = hello.flags & HELLO_FLAG_RESIZE != 0;
                         match open_replica(&receiver, &server, &hello.volume, hello.geometry, resize).await {
                             Ok(r) => {
@@ -1191,6 +1262,37 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether `server` may replicate `volume`: an existing replica always; a
+/// new one only while the server has fewer than `max_volumes_per_server`.
+fn volume_allowed(
+    receiver: &Receiver,
+    server: &ServerName,
+    volume: &VolumeName,
+) -> Result<(), String> {
+    let staging = receiver.config.staging_path(&receiver.dir, server, volume);
+    let paths = ReplicaPaths::new(&receiver.dir, server, volume, staging);
+    if paths.index.exists() {
+        return Ok(());
+    }
+    let cap = receiver.config.limits.max_volumes_per_server as usize;
+    let existing = paths
+        .index
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .map_or(0, |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".index"))
+                .count()
+        });
+    if existing >= cap {
+        return Err(format!(
+            "{server} already has {existing} volumes on this receiver (max_volumes_per_server = {cap}); volume {volume} refused"
+        ));
+    }
+    Ok(())
 }
 
 async fn open_replica(

@@ -573,3 +573,99 @@ fn revoke_cuts_a_server_off_at_once() {
     );
     assert_identical(&image.path, &rx.staging("data"));
 }
+
+/// `[limits]`: a server holding its maximum of connections gets the next one
+/// closed, naming the limit; a server at its maximum of volumes cannot create
+/// another (its existing ones keep working); an absurd volume size is
+/// refused; meanwhile another server replicates as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_one_peer_without_harming_others() {
+    use lifeboat_tests::Sync;
+    let mut rx = tokio::task::block_in_place(Receiver::init_only);
+    rx.append_config("\n[limits]\nmax_connections_per_server = 3\nmax_volumes_per_server = 2\n");
+    tokio::task::block_in_place(|| rx.serve());
+    let other = rx.tmp.path().join("db-2.bundle");
+    let out = tokio::task::block_in_place(|| {
+        rx.command(&[
+            "enroll",
+            "--server",
+            "db-2",
+            "--out",
+            other.to_str().unwrap(),
+        ])
+    });
+    assert!(out.status.success(), "enroll db-2: {}", out.stderr);
+    let image = write_mixed_image(&rx.image_path("l"), 16, BLOCK, 0xf0_000a);
+    let sync = |bundle: &Path, name: &str, state: &str| {
+        let state = rx.agent_state(state);
+        tokio::task::block_in_place(|| Sync::new(bundle, &image.path, name, &state).run())
+    };
+
+    // Connections: three held, the fourth closed naming the limit.
+    let bundle = load_bundle(&rx.bundle);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(&bundle, &rx.addr).await);
+    }
+    let (_ep, fourth) = connect(&bundle, &rx.addr).await;
+    let reason = closed_reason(&fourth).await;
+    assert!(reason.contains("max_connections_per_server"), "{reason}");
+    // Another server is not affected.
+    let out = sync(&other, "data", "db2");
+    assert!(
+        out.status.success(),
+        "db-2 while web-1 is at its limit: {}",
+        out.stderr
+    );
+    // The held connections were not harmed; once they go, web-1 syncs again.
+    for (_, c) in &held {
+        assert!(c.close_reason().is_none(), "a held connection was closed");
+    }
+    for (ep, c) in held.drain(..) {
+        c.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    }
+    let out = sync(&rx.bundle, "a", "a");
+    assert!(out.status.success(), "web-1 volume a: {}", out.stderr);
+    let out = sync(&rx.bundle, "b", "b");
+    assert!(out.status.success(), "web-1 volume b: {}", out.stderr);
+
+    // Volumes: a third one is refused, naming the limit; a and b still work.
+    let out = sync(&rx.bundle, "c", "c");
+    let err = out.expect_failure();
+    assert!(err.contains("max_volumes_per_server"), "{err}");
+    let out = sync(&rx.bundle, "a", "a");
+    assert!(out.status.success(), "web-1 volume a again: {}", out.stderr);
+
+    // An absurd volume size is refused by a storage error, not a crash.
+    if let Ok(huge) = VolumeGeometry::new(1 << 60, BlockSize::DEFAULT) {
+        let (_ep, conn) = connect(&load_bundle(&other), &rx.addr).await;
+        let (send, recv) = conn.open_bi().await.expect("open control stream");
+        let hello = Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent_version: "e2e-test".into(),
+            volume: VolumeName::new("huge").expect("volume name"),
+            geometry: huge,
+            digest_algorithm: 1,
+            flags: 0,
+        };
+        let mut c = Control {
+            send,
+            recv,
+            decoder: FrameDecoder::new(),
+            session: AgentSession::new(hello, std::time::Instant::now()),
+        };
+        c.flush().await;
+        match c.next_event().await {
+            AgentEvent::Rejected { .. } => {}
+            other => panic!("an exabyte volume was not refused: {other:?}"),
+        }
+    }
+    let out = sync(&other, "data", "db2");
+    assert!(out.status.success(), "db-2 after all that: {}", out.stderr);
+    assert!(
+        tokio::task::block_in_place(|| rx.is_running()),
+        "the receiver died"
+    );
+}
