@@ -115,8 +115,11 @@ pub struct Receiver {
     /// Connections being served (for `[limits] max_connections`).
     connections: Arc<AtomicUsize>,
     /// Connections per source server (`max_connections_per_server`).
-    per_server: Arc<Mutex<HashMap<ServerName, usize>>>,
+    per_server: PerServer,
 }
+
+/// Connections held by each source server.
+type PerServer = Arc<Mutex<HashMap<ServerName, usize>>>;
 
 /// Application close code for a connection over a limit.
 const CLOSE_LIMIT: u32 = 8;
@@ -125,7 +128,7 @@ const CLOSE_LIMIT: u32 = 8;
 /// entry of a per-server map, until dropped.
 struct ConnectionSlot {
     count: Option<Arc<AtomicUsize>>,
-    server: Option<(Arc<Mutex<HashMap<ServerName, usize>>>, ServerName)>,
+    server: Option<(PerServer, ServerName)>,
 }
 
 impl Drop for ConnectionSlot {
