@@ -15,6 +15,8 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod proxy;
+
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, RngCore, SeedableRng};
@@ -1319,4 +1321,22 @@ pub fn recover_replica_copy<T>(
         .expect("open the copied replica as a restarted receiver would");
     let epoch = replica.durable_epoch();
     (paths, seen, epoch)
+}
+
+/// Rewrites the `receiver = "..."` line of a bundle file (e.g. to send an
+/// agent through a proxy, or nowhere).
+pub fn point_bundle_at(bundle: &Path, addr: &str) {
+    let text = std::fs::read_to_string(bundle).expect("read bundle");
+    assert!(text.lines().any(|l| l.starts_with("receiver = ")), "{text}");
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("receiver = ") {
+                format!("receiver = \"{addr}\"\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(bundle, edited).expect("write bundle");
 }

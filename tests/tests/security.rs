@@ -14,25 +14,9 @@ use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::session::{AgentEvent, AgentSession};
 use lifeboat_protocol::{BlockSize, Bundle, Encoding, VolumeGeometry, VolumeName};
 use lifeboat_tests::{
-    assert_identical, field_u64, free_udp_port, run_sync, write_mixed_image, Receiver, BLOCK,
+    assert_identical, field_u64, free_udp_port, point_bundle_at, run_sync, write_mixed_image,
+    Receiver, BLOCK,
 };
-
-/// Rewrites the `receiver = "..."` line of a bundle file.
-fn point_bundle_at(bundle: &Path, addr: &str) {
-    let text = std::fs::read_to_string(bundle).expect("read bundle");
-    assert!(text.lines().any(|l| l.starts_with("receiver = ")), "{text}");
-    let edited: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("receiver = ") {
-                format!("receiver = \"{addr}\"\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(bundle, edited).expect("write bundle");
-}
 
 fn load_bundle(path: &Path) -> Bundle {
     Bundle::from_toml(&std::fs::read_to_string(path).expect("read bundle")).expect("parse bundle")
