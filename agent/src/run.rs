@@ -1048,6 +1048,18 @@ pub(crate) async fn full_pass(
     state: ReplicationState,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    full_pass_of(rep, Producer::FullScan, tracking, ro, state, shutdown).await
+}
+
+/// [`full_pass`] with `producer` (a full scan, or one through a frozen view).
+pub(crate) async fn full_pass_of(
+    rep: &mut Replicator,
+    producer: Producer,
+    tracking: TrackingMode,
+    ro: &RunOptions,
+    state: ReplicationState,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     // Only the initial sync is applied in place (the replica is not
     // consistent before it completes anyway). A rescan or a periodic scan of a
     // complete replica is one atomic epoch, so the replica stays at an epoch
@@ -1067,7 +1079,7 @@ pub(crate) async fn full_pass(
         lag_threshold: None,
     };
     let show_progress = state != ReplicationState::Continuous;
-    let pass = rep.pass(Producer::FullScan, mode, Some(template), show_progress);
+    let pass = rep.pass(producer, mode, Some(template), show_progress);
     match or_shutdown(shutdown, pass).await {
         Some(r) => {
             let report = r?;

@@ -179,7 +179,7 @@ impl Default for ScanOptions {
 /// on `opts.threads` workers. Returns early (Ok) if `out` is closed or `stop` is
 /// set; a read error stops the scan and names the block.
 pub fn scan_volume(
-    volume: &SourceVolume,
+    volume: &dyn ReadBlocks,
     geometry: VolumeGeometry,
     reference: &[BlockHash],
     opts: &ScanOptions,

@@ -12,7 +12,9 @@
 //! The export is served at once, before the receiver answers: a VM can boot
 //! while the receiver is away; its writes wait in the tracker. After every
 //! start a full pass settles the replica (the image may have changed while
-//! the agent was stopped), then epochs follow.
+//! the agent was stopped): it reads the image as it was at start through the
+//! tracker's view, so the replica it leaves is that image exactly, whatever
+//! clients write meanwhile. Then epochs follow.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::run::{
-    full_pass, is_retryable, or_shutdown, replication_state, AgentMetrics, RunOptions, RunState,
+    full_pass_of, is_retryable, or_shutdown, replication_state, AgentMetrics, RunOptions, RunState,
     Stopped,
 };
 use crate::sync::{
@@ -124,6 +126,9 @@ impl ServedImage {
             .with_context(|| format!("cannot create {}", spool_dir.display()))?;
         let file = Arc::new(file);
         let tracker = Arc::new(EpochTracker::new(file.clone(), &path, geometry, &spool_dir));
+        // Before any client can write: the first full pass sends the image
+        // as it is now.
+        tracker.freeze_all();
         Ok(ServedImage {
             name: opts.name.to_string(),
             path,
@@ -342,8 +347,9 @@ pub(crate) async fn replicate_served_volume(
                 ReplicationState::InitialSync
             };
             am.full_pass(state);
-            let pass = full_pass(
+            let pass = full_pass_of(
                 &mut rep,
+                Producer::FrozenFull(tracker.clone()),
                 TrackingMode::NbdWriteOrder,
                 &ro,
                 state,
@@ -354,7 +360,7 @@ pub(crate) async fn replicate_served_volume(
             match pass {
                 Ok(()) => {
                     full_owed = false;
-                    tracker.after_full_pass();
+                    tracker.durable();
                     last_durable = Instant::now();
                     retry_delay = Duration::from_millis(500);
                 }
@@ -469,12 +475,8 @@ pub(crate) async fn replicate_served_volume(
             }
         }
     }
-    let left = tracker.undurable_blocks().len();
-    if left > 0 || full_owed {
-        warn!(
-            blocks = left,
-            "stopping with writes not yet replicated: the next start compares every block"
-        );
+    if tracker.has_undurable() || full_owed {
+        warn!("stopping with writes not yet replicated: the next start compares every block");
     } else {
         info!("stopping: every write is replicated");
     }

@@ -156,6 +156,9 @@ pub enum PassMode {
 pub enum Producer {
     /// Every block of the volume, compared with the reference.
     FullScan,
+    /// Every block read through `view` (an image frozen at one point of its
+    /// write stream), compared with the reference.
+    FrozenFull(Arc<dyn crate::scan::ReadBlocks>),
     /// These blocks only (sorted, distinct), compared with the reference.
     Blocks(Vec<u64>),
     /// Blocks already read and compared (see [`Replicator::prepare_blocks`]).
@@ -463,11 +466,11 @@ impl Replicator {
         let stop = Arc::new(AtomicBool::new(false));
         let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
         let producer_kind = match &producer {
-            Producer::FullScan => ProducerKind::FullScan,
+            Producer::FullScan | Producer::FrozenFull(_) => ProducerKind::FullScan,
             _ => ProducerKind::Listed,
         };
         let total_blocks = match &producer {
-            Producer::FullScan => self.geometry.block_count(),
+            Producer::FullScan | Producer::FrozenFull(_) => self.geometry.block_count(),
             Producer::Blocks(b) => b.len() as u64,
             Producer::Frozen { blocks, .. } => blocks.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
@@ -481,11 +484,15 @@ impl Replicator {
             let stop = stop.clone();
             let scan_opts = self.opts.scan.clone();
             match producer {
-                Producer::FullScan => {
+                Producer::FullScan | Producer::FrozenFull(_) => {
                     let reference = self.index.digests.clone();
+                    let reader: Arc<dyn crate::scan::ReadBlocks> = match producer {
+                        Producer::FrozenFull(view) => view,
+                        _ => volume,
+                    };
                     tokio::task::spawn_blocking(move || {
                         let r = scan_volume(
-                            &volume,
+                            &*reader,
                             geometry,
                             &reference,
                             &scan_opts,
