@@ -325,6 +325,7 @@ fn open_target(out: &Path, existing: Existing, volume_bytes: u64) -> Result<Targ
         })?
         .to_string_lossy()
         .into_owned();
+    remove_stale_temps(out, &name);
     let tmp = out.with_file_name(format!(
         ".{name}.lifeboat-launch-{}.tmp",
         std::process::id()
@@ -340,6 +341,42 @@ fn open_target(out: &Path, existing: Existing, volume_bytes: u64) -> Result<Targ
         return Err(LaunchError::Io { path: tmp, source });
     }
     Ok(Target::File { tmp, file })
+}
+
+/// Removes the temporary files earlier launches to `out` left when they were
+/// killed (`.NAME.lifeboat-launch-PID.tmp` whose PID is no longer running);
+/// a launch still running keeps its own.
+fn remove_stale_temps(out: &Path, name: &str) {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{name}.lifeboat-launch-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed the temporary file of a launch that did not finish")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot remove a stale launch file: {e}")
+                }
+            }
+        }
+    }
 }
 
 fn fsync_parent(path: &Path) -> std::io::Result<()> {
