@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod nbd_client;
 pub mod proxy;
 
 use rand::rngs::StdRng;
@@ -580,9 +581,14 @@ impl Receiver {
 
     /// The staging volume of [`SERVER`]'s volume `name`.
     pub fn staging(&self, name: &str) -> PathBuf {
+        self.staging_of(SERVER, name)
+    }
+
+    /// The staging volume of `server`'s volume `name`.
+    pub fn staging_of(&self, server: &str, name: &str) -> PathBuf {
         self.dir
             .join("staging")
-            .join(SERVER)
+            .join(server)
             .join(format!("{name}.img"))
     }
 
