@@ -33,6 +33,11 @@
 //!    in place, only with `force`.
 //!
 //! A non-empty existing target is refused without `force`.
+//!
+//! [`launch`] is [`open_pit`] + [`LaunchTarget::prepare`] + [`restore`];
+//! `serve-pit --hydrate` calls the last two itself, with fewer workers, a
+//! progress log line instead of a bar, and a cancellation token
+//! ([`RestoreControl`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
