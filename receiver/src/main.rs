@@ -854,6 +854,37 @@ mod tests {
             "9650",
         ])
         .is_err());
+        let serve_pit = |extra: &[&str]| {
+            let mut args = vec![
+                "lifeboat-receiver",
+                "serve-pit",
+                "--dir",
+                "d",
+                "--server",
+                "web-1",
+                "--volume",
+                "vm1",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let cli = serve_pit(&["--nbd-listen", "unix:/run/x.sock", "--cache-size", "8MiB"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::ServePit(ServePitArgs {
+                cache_size: 8388608,
+                read_ahead: 2097152,
+                nbd_listen: NbdListen::Unix(_),
+                keep_overlay: false,
+                ..
+            })
+        ));
+        assert!(serve_pit(&[]).is_err(), "--nbd-listen is required");
+        assert!(
+            serve_pit(&["--nbd-listen", "127.0.0.1:0", "--force"]).is_err(),
+            "--force needs --hydrate"
+        );
+        assert!(serve_pit(&["--nbd-listen", "127.0.0.1:0", "--cache-size", "lots"]).is_err());
         let cli = Cli::try_parse_from(["lifeboat-receiver", "gc", "--dir", "d"]).unwrap();
         assert!(matches!(
             cli.command,
