@@ -10,6 +10,7 @@ pub mod pitter;
 pub mod pki;
 pub mod replica;
 pub mod retention;
+pub mod serve_pit;
 pub mod server;
 pub mod staging;
 pub mod status;
