@@ -149,46 +149,8 @@ pub enum ServePitError {
     },
 }
 
-/// Where `--nbd-listen` serves: a TCP address or a Unix socket path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NbdListen {
-    /// `HOST:PORT` (port 0: any free port).
-    Tcp(std::net::SocketAddr),
-    /// `unix:/path` or an absolute path.
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for NbdListen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            return if p.is_empty() {
-                Err("unix: needs a socket path, e.g. unix:/run/lifeboat/pit.sock".into())
-            } else {
-                Ok(NbdListen::Unix(PathBuf::from(p)))
-            };
-        }
-        if s.starts_with('/') {
-            return Ok(NbdListen::Unix(PathBuf::from(s)));
-        }
-        s.parse().map(NbdListen::Tcp).map_err(|_| {
-            format!(
-                "{s:?} is neither HOST:PORT (e.g. 127.0.0.1:10810) nor a Unix socket \
-                 (unix:/path or an absolute path)"
-            )
-        })
-    }
-}
-
-impl std::fmt::Display for NbdListen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NbdListen::Tcp(a) => write!(f, "{a}"),
-            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+/// Where `--nbd-listen` serves: `HOST:PORT` or a Unix socket.
+pub use lifeboat_nbd::Listen as NbdListen;
 
 /// What `serve-pit` serves and how.
 #[derive(Clone, Debug)]
@@ -1073,50 +1035,13 @@ async fn start_resolved(
         .with_default(volume);
     let nbd = Server::new(Arc::new(exports), ServerConfig::default());
     let shutdown = CancellationToken::new();
-    let (listening, server_task) = match &opts.listen {
-        NbdListen::Tcp(addr) => {
-            let listen_err = |source| ServePitError::Listen {
-                addr: addr.to_string(),
+    let (listening, server_task) =
+        nbd.spawn(&opts.listen, shutdown.clone())
+            .await
+            .map_err(|source| ServePitError::Listen {
+                addr: opts.listen.to_string(),
                 source,
-            };
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(listen_err)?;
-            let local = listener.local_addr().map_err(listen_err)?;
-            let stop = shutdown.clone();
-            let task =
-                tokio::spawn(async move { nbd.serve_tcp(listener, stop).await }.in_current_span());
-            (local.to_string(), task)
-        }
-        NbdListen::Unix(path) => {
-            let listen_err = |source| ServePitError::Listen {
-                addr: format!("unix:{}", path.display()),
-                source,
-            };
-            // A socket left by an earlier run is replaced; anything else is not.
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    return Err(listen_err(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "exists and is not a socket",
-                    )));
-                }
-                std::fs::remove_file(path).map_err(listen_err)?;
-            }
-            let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
-            let stop = shutdown.clone();
-            let socket = path.clone();
-            let task = tokio::spawn(
-                async move {
-                    nbd.serve_unix(listener, stop).await;
-                    let _ = std::fs::remove_file(&socket);
-                }
-                .in_current_span(),
-            );
-            (format!("unix:{}", path.display()), task)
-        }
-    };
+            })?;
     info!(
         listen = %listening,
         export = volume,
