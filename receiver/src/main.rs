@@ -512,6 +512,18 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         print!("{}", render_table(&rows));
+        for row in &rows {
+            if let StatusRow::Volume(v) = row {
+                if let Some(e) = &v.last_error {
+                    println!(
+                        "error: {}/{} since {}: {e}",
+                        v.server,
+                        v.volume,
+                        v.last_error_at.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

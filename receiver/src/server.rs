@@ -1057,6 +1057,10 @@ async fn drive_session(
                         }
                         Some(Report::Failed(e)) => {
                             error!(volume = %volume_label, "{e:#}");
+                            if let Some(st) = &mut status {
+                                st.error(&format!("{e:#}"));
+                                write_status(st);
+                            }
                             if let Some((m, _)) = &metrics {
                                 m.apply_error();
                             }
