@@ -523,19 +523,36 @@ async fn replicate_volume(
             }
         }
         None => {
-            am.full_pass(full_state);
-            let pass = full_pass(&mut rep, tracking.mode, &ro, full_state, &mut shutdown).await;
-            am.pass_ended(pass.is_ok());
-            match pass {
-                Ok(()) => {}
-                Err(e) if e.is::<Stopped>() => {
-                    // No stop record: the next start runs the full pass again.
-                    info!("stopped during the first full pass");
-                    let _ = std::fs::remove_file(&files.running);
-                    rep.close().await;
-                    return Ok(());
+            // Retried (with backoff) like any later pass: a source read error
+            // or a lost receiver must not end the agent.
+            let mut delay = Duration::from_millis(500);
+            loop {
+                am.full_pass(full_state);
+                let pass = full_pass(&mut rep, tracking.mode, &ro, full_state, &mut shutdown).await;
+                am.pass_ended(pass.is_ok());
+                match pass {
+                    Ok(()) => break,
+                    Err(e) if e.is::<Stopped>() => {
+                        // No stop record: the next start runs the full pass again.
+                        info!("stopped during the first full pass");
+                        let _ = std::fs::remove_file(&files.running);
+                        rep.close().await;
+                        return Ok(());
+                    }
+                    Err(e) if is_retryable(&e) => {
+                        warn!("first full pass failed ({e:#}); retrying in {delay:?}");
+                        if or_shutdown(&mut shutdown, tokio::time::sleep(delay))
+                            .await
+                            .is_none()
+                        {
+                            let _ = std::fs::remove_file(&files.running);
+                            rep.close().await;
+                            return Ok(());
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
     }
