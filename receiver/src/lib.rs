@@ -15,4 +15,5 @@ pub mod server;
 pub mod staging;
 pub mod status;
 pub mod store;
+pub mod verify;
 pub mod web;

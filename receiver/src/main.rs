@@ -93,6 +93,25 @@ enum Command {
     /// connections and closes its live ones within a second. `enroll --force`
     /// afterwards issues a new certificate (a new bundle) that works.
     Revoke(RevokeArgs),
+    /// Check by BLAKE3 digest that the staging volume (or, with --pit, a
+    /// PIT's chunks in the store) holds what the receiver acknowledged, and
+    /// name every block that does not. Reads only; safe while `serve` runs.
+    /// Exit status 0: all match; 2: mismatches found; 1: could not check.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Check this PIT (`latest`, an id or an RFC 3339 time) in the store
+    /// instead of the staging volume.
+    #[arg(long, value_name = "WHEN")]
+    pit: Option<String>,
+    /// Print the report as JSON (target, blocks, checked, unchecked,
+    /// mismatched: [{block, expected, found}]).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -324,6 +343,11 @@ fn main() -> ExitCode {
         Command::ServePit(args) => serve_pit(&args),
         Command::Gc(args) => gc(&args),
         Command::Revoke(args) => revoke(&args),
+        Command::Verify(args) => match verify(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -636,6 +660,46 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
         r.elapsed
     );
     Ok(())
+}
+
+/// `verify`: whether everything matched.
+fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
+    use lifeboat_receiver::verify::{render, verify_pit, verify_staging};
+    let s = &args.store;
+    let report = match &args.pit {
+        Some(when) => {
+            let at = launch::parse_at(when).map_err(|e| anyhow::anyhow!("--pit: {e}"))?;
+            let store = open_store(s)?;
+            runtime()?.block_on(verify_pit(
+                &store,
+                s.server.as_str(),
+                s.volume.as_str(),
+                &at,
+            ))?
+        }
+        None => {
+            let config = config_or_default(&s.dir, s.config.as_deref())?;
+            let staging = config.staging_path(&s.dir, &s.server, &s.volume);
+            let paths = lifeboat_receiver::replica::ReplicaPaths::new(
+                &s.dir, &s.server, &s.volume, staging,
+            );
+            if !paths.index.exists() {
+                bail!(
+                    "{}/{}: no replica on this receiver ({} is missing)",
+                    s.server,
+                    s.volume,
+                    paths.index.display()
+                );
+            }
+            verify_staging(&paths)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(report.mismatched.is_empty())
 }
 
 /// `revoke`: adds every certificate of the server to the revocation list.
