@@ -112,6 +112,12 @@ struct VerifyArgs {
     /// mismatched: [{block, expected, found}]).
     #[arg(long)]
     json: bool,
+    /// Mark the mismatched blocks of the staging volume for resync: their
+    /// digests are forgotten, so the agent's next full pass (any `sync`, or
+    /// `run` at its next start) resends exactly them from the source. Needs
+    /// `serve` stopped (it holds the replica).
+    #[arg(long, conflicts_with = "pit")]
+    repair: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -691,7 +697,31 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
                     paths.index.display()
                 );
             }
-            verify_staging(&paths)?
+            let report = verify_staging(&paths)?;
+            if args.repair && !report.mismatched.is_empty() {
+                if lifeboat_receiver::web::query_status(&s.dir).is_some() {
+                    bail!(
+                        "{} mismatched blocks found, but `serve` is running on {} and holds the replica: stop it, then run verify --repair again",
+                        report.mismatched.len(),
+                        s.dir.display()
+                    );
+                }
+                let ack = lifeboat_receiver::replica::acknowledged_digests(&paths)?;
+                let mut replica = lifeboat_receiver::replica::Replica::open(
+                    s.server.clone(),
+                    s.volume.clone(),
+                    paths.clone(),
+                    ack.geometry,
+                    false,
+                )?;
+                let blocks: Vec<u64> = report.mismatched.iter().map(|m| m.block).collect();
+                let generation = replica.forget_blocks(&blocks)?;
+                eprintln!(
+                    "marked {} blocks for resync (generation {generation}): the agent's next full pass resends them",
+                    blocks.len()
+                );
+            }
+            report
         }
     };
     if args.json {

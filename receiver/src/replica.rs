@@ -910,6 +910,21 @@ impl Replica {
         }
     }
 
+    /// Forgets the digests of `blocks` (found corrupt by `verify`): they
+    /// become unknown and the generation moves, so the agent fetches the
+    /// digests again at its next session and its next full pass resends
+    /// exactly those blocks. Returns the new generation.
+    pub fn forget_blocks(&mut self, blocks: &[u64]) -> Result<u64, ReplicaError> {
+        for &b in blocks {
+            if let Some(slot) = self.index.digests.get_mut(b as usize) {
+                *slot = BlockHash::UNKNOWN;
+            }
+        }
+        self.index.generation += 1;
+        self.commit_index()?;
+        Ok(self.index.generation)
+    }
+
     /// Writes the index durably and empties the journal. Refused after a failed
     /// apply (the journal must then be replayed by the next open).
     pub fn commit_index(&mut self) -> Result<(), ReplicaError> {

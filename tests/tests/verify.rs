@@ -41,7 +41,7 @@ fn verify_json(rx: &Receiver, extra: &[&str]) -> (i32, serde_json::Value, String
 
 #[test]
 fn verify_names_corrupt_blocks_and_files() {
-    let rx = Receiver::start();
+    let mut rx = Receiver::start();
     let image = write_mixed_image(&rx.image_path("v"), 64, BLOCK, 0x7e71);
     let out = Sync::new(&rx.bundle, &image.path, "data", &rx.agent_state("v"))
         .arg("--pit")
@@ -84,7 +84,34 @@ fn verify_names_corrupt_blocks_and_files() {
         "{}",
         text.stdout
     );
-    flip(&rx.staging("data"), victim * BLOCK as u64 + 17);
+    // Repair: refused while serve holds the replica; with serve stopped the
+    // block is marked, and the next sync resends exactly that block.
+    let out = rx.command(&[
+        "verify", "--server", "web-1", "--volume", "data", "--repair",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("serve"), "{}", out.stderr);
+    rx.kill9();
+    let out = rx.command(&[
+        "verify", "--server", "web-1", "--volume", "data", "--repair",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("marked 1 blocks for resync"),
+        "{}",
+        out.stderr
+    );
+    rx.serve();
+    let out = Sync::new(&rx.bundle, &image.path, "data", &rx.agent_state("v")).run();
+    assert!(out.status.success(), "resync: {}", out.stderr);
+    let summary = out.json();
+    assert_eq!(
+        summary["sent_blocks"].as_u64(),
+        Some(1),
+        "only the repaired block: {summary}"
+    );
+    lifeboat_tests::assert_identical(&image.path, &rx.staging("data"));
+    assert_eq!(verify_json(&rx, &[]).0, 0);
 
     // A flipped byte in the PIT's chunk of that block: named, exit 2.
     let digest = BlockHash::of(&data[victim as usize * BLOCK..(victim as usize + 1) * BLOCK]);
