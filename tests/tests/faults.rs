@@ -184,6 +184,22 @@ impl Suite {
                 Ok(())
             }
             Point::Launch => {
+                // Something to launch: the first PIT comes a second or so
+                // after the first durable epoch (bounded wait, writing on).
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while self
+                    .rx
+                    .command(&["pits", "--server", SERVER, "--volume", VOLUME, "--json"])
+                    .stdout
+                    .trim()
+                    .len()
+                    <= 2
+                {
+                    if Instant::now() > deadline {
+                        return Err("no PIT was taken within 60 s".into());
+                    }
+                    self.step();
+                }
                 let out_path = self.rx.tmp.path().join(format!("launch-{i}.img"));
                 let launch = self.launch_to("latest", &out_path);
                 std::thread::sleep(delay.min(Duration::from_millis(400)));
