@@ -300,8 +300,28 @@ mod receiver {
 #[test]
 #[ignore = "rewrites the checked-in seed corpora"]
 fn write_seeds() {
-    seeds::protocol();
-    seeds::receiver();
+    for (krate, target, name, bytes) in seeds::all().0 {
+        let dir = corpus_dir(krate, target);
+        std::fs::create_dir_all(&dir).expect("create corpus directory");
+        std::fs::write(dir.join(name), bytes).expect("write seed");
+    }
+}
+
+/// The checked-in seeds are what the encoders make today: a format change
+/// that leaves them stale would quietly make fuzzing start from invalid
+/// inputs. (Files the encoders do not make, such as regression inputs, are
+/// not compared.)
+#[test]
+fn seeds_are_current() {
+    for (krate, target, name, bytes) in seeds::all().0 {
+        let path = corpus_dir(krate, target).join(&name);
+        let on_disk = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            on_disk == bytes,
+            "{} is stale: regenerate with `cargo test -p lifeboat-tests --test fuzz_smoke -- --ignored write_seeds`",
+            path.display()
+        );
+    }
 }
 
 mod seeds {
@@ -317,10 +337,23 @@ mod seeds {
     use lifeboat_protocol::index::HashIndex;
     use lifeboat_protocol::{BlockHash, BlockSize, Bundle, ServerName, VolumeGeometry, VolumeName};
 
-    pub fn write(krate: &str, target: &str, name: &str, bytes: &[u8]) {
-        let dir = super::corpus_dir(krate, target);
-        std::fs::create_dir_all(&dir).expect("create corpus directory");
-        std::fs::write(dir.join(name), bytes).expect("write seed");
+    /// Seeds as `(crate, target, file name, bytes)`.
+    #[derive(Default)]
+    pub struct Seeds(pub Vec<(&'static str, &'static str, String, Vec<u8>)>);
+
+    impl Seeds {
+        fn add(&mut self, krate: &'static str, target: &'static str, name: &str, bytes: &[u8]) {
+            self.0
+                .push((krate, target, name.to_string(), bytes.to_vec()));
+        }
+    }
+
+    /// Every seed made by an encoder.
+    pub fn all() -> Seeds {
+        let mut out = Seeds::default();
+        protocol(&mut out);
+        receiver(&mut out);
+        out
     }
 
     fn frame(f: &Frame) -> Vec<u8> {
@@ -485,14 +518,14 @@ mod seeds {
         ]
     }
 
-    pub fn protocol() {
+    fn protocol(out: &mut Seeds) {
         let mut all = Vec::new();
         for (name, f) in sample_frames() {
             let bytes = frame(&f);
             all.extend_from_slice(&bytes);
-            write("protocol", "frame_decoder", name, &bytes);
+            out.add("protocol", "frame_decoder", name, &bytes);
         }
-        write("protocol", "frame_decoder", "every_frame", &all);
+        out.add("protocol", "frame_decoder", "every_frame", &all);
 
         let block = |enc: Encoding, raw_len: u32, payload: &[u8]| {
             let mut b = vec![enc as u8];
@@ -504,25 +537,25 @@ mod seeds {
         let mut enc = BlockEncoder::default();
         let (_, small) = enc.encode(&text[..4096]);
         let (_, large) = enc.encode(&text);
-        write(
+        out.add(
             "protocol",
             "block_decoder",
             "raw",
             &block(Encoding::Raw, 16, &text[..16]),
         );
-        write(
+        out.add(
             "protocol",
             "block_decoder",
             "zero",
             &block(Encoding::Zero, 65536, &[]),
         );
-        write(
+        out.add(
             "protocol",
             "block_decoder",
             "zstd_4k",
             &block(Encoding::Zstd, 4096, &small),
         );
-        write(
+        out.add(
             "protocol",
             "block_decoder",
             "zstd_64k",
@@ -536,9 +569,9 @@ mod seeds {
         ix.digests[1] = BlockHash::of(b"one");
         let mut as_is = vec![0];
         as_is.extend_from_slice(&ix.encode());
-        write("protocol", "index_decode", "four_blocks", &as_is);
+        out.add("protocol", "index_decode", "four_blocks", &as_is);
         as_is[0] = 1;
-        write(
+        out.add(
             "protocol",
             "index_decode",
             "four_blocks_fixed_checksums",
@@ -551,7 +584,7 @@ mod seeds {
         );
         let mut one_bytes = vec![1];
         one_bytes.extend_from_slice(&one.encode());
-        write("protocol", "index_decode", "one_block", &one_bytes);
+        out.add("protocol", "index_decode", "one_block", &one_bytes);
 
         for (name, ctl, flags, goodbye) in [
             ("whole_session", 0x3f, 0, true),
@@ -563,8 +596,8 @@ mod seeds {
             ("small_pieces", 0x07, 0, true),
         ] {
             let (to_receiver, to_agent) = session_seeds(ctl, flags, goodbye);
-            write("protocol", "handshake_receiver", name, &to_receiver);
-            write("protocol", "handshake_agent", name, &to_agent);
+            out.add("protocol", "handshake_receiver", name, &to_receiver);
+            out.add("protocol", "handshake_agent", name, &to_agent);
         }
 
         let bundle = Bundle {
@@ -582,9 +615,9 @@ mod seeds {
                 "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----\n"
                     .into(),
         };
-        write("protocol", "bundle", "valid", bundle.to_toml().as_bytes());
+        out.add("protocol", "bundle", "valid", bundle.to_toml().as_bytes());
         let compact = "format = \"lifeboat-bundle-v1\"\nserver = \"db.2\"\nreceiver = \"[::1]:7443\"\ntls_name = \"::1\"\nca_cert = '''\n-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----'''\nclient_cert = \"-----BEGIN CERTIFICATE-----\\nAA==\\n-----END CERTIFICATE-----\"\nclient_key = \"-----BEGIN PRIVATE KEY-----\\n-----END PRIVATE KEY-----\"\n";
-        write("protocol", "bundle", "compact", compact.as_bytes());
+        out.add("protocol", "bundle", "compact", compact.as_bytes());
     }
 
     const RECEIVER_TOML: &str = r#"# every key
@@ -665,7 +698,7 @@ path = "disk.img"
 name = "disk.img"
 "#;
 
-    pub fn receiver() {
+    fn receiver(out: &mut Seeds) {
         use lifeboat_receiver::config::ReceiverConfig;
         use lifeboat_receiver::fuzzing::seal_manifest;
         use lifeboat_receiver::pit::{NewPit, PitId, PitManifest};
@@ -698,12 +731,12 @@ name = "disk.img"
             let bytes = m.encode().unwrap();
             let mut whole = vec![0];
             whole.extend_from_slice(&bytes);
-            write("receiver", "pit_manifest", name, &whole);
+            out.add("receiver", "pit_manifest", name, &whole);
             let body = &bytes[16..bytes.len() - 32];
             assert_eq!(seal_manifest(body), bytes);
             let mut sealed = vec![1];
             sealed.extend_from_slice(body);
-            write(
+            out.add(
                 "receiver",
                 "pit_manifest",
                 &format!("{name}_sealed"),
@@ -722,7 +755,7 @@ name = "disk.img"
         ] {
             std::fs::write(&path, &text).unwrap();
             ReceiverConfig::load_file(&path, dir.path()).expect("a valid seed");
-            write("receiver", "receiver_config", name, text.as_bytes());
+            out.add("receiver", "receiver_config", name, text.as_bytes());
         }
 
         let path = dir.path().join("agent.toml");
@@ -739,7 +772,7 @@ name = "disk.img"
         ] {
             std::fs::write(&path, text).unwrap();
             lifeboat_agent::config::AgentConfig::load(&path).expect("a valid seed");
-            write("receiver", "agent_config", name, text.as_bytes());
+            out.add("receiver", "agent_config", name, text.as_bytes());
         }
     }
 }
