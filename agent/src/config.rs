@@ -315,7 +315,7 @@ impl AgentConfig {
         Ok(config)
     }
 
-    fn from_toml(text: &str) -> Result<AgentConfig, ParseError> {
+    pub(crate) fn from_toml(text: &str) -> Result<AgentConfig, ParseError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string().trim().into()))?;
         Self::from_raw(raw).map_err(ParseError::Invalid)
@@ -483,9 +483,12 @@ fn check_volumes(volumes: &[VolumeEntry]) -> Result<(), String> {
     Ok(())
 }
 
+/// Why [`AgentConfig::from_toml`] refused a text (before a path is known).
 #[derive(Debug)]
-enum ParseError {
+pub(crate) enum ParseError {
+    /// Not TOML of this schema: the parser's message.
     Syntax(String),
+    /// A value is unusable: what is wrong, naming the key and value.
     Invalid(String),
 }
 

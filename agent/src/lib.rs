@@ -13,6 +13,8 @@
 
 pub mod config;
 pub mod freeze;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod install;
 pub mod progress;
 pub mod run;

@@ -37,6 +37,9 @@ pub mod proto;
 pub mod server;
 pub mod session;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use error::NbdError;
 pub use export::{errno_for, Export, ExportMap, Exports, IoFuture, ZeroFlags};
 pub use file::{zero_range, FileExport};

@@ -18,6 +18,9 @@ pub mod names;
 pub mod rate;
 pub mod session;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use bundle::Bundle;
 pub use geometry::{BlockIndex, BlockSize, VolumeGeometry};
 pub use names::{ServerName, VolumeName};

@@ -575,7 +575,7 @@ impl ReceiverConfig {
         })
     }
 
-    fn from_toml(text: &str) -> Result<ReceiverConfig, ParseError> {
+    pub(crate) fn from_toml(text: &str) -> Result<ReceiverConfig, ParseError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string().trim().into()))?;
         let config = ReceiverConfig {
@@ -864,9 +864,12 @@ impl ReceiverConfig {
     }
 }
 
+/// Why [`ReceiverConfig::from_toml`] refused a text (before a path is known).
 #[derive(Debug)]
-enum ParseError {
+pub(crate) enum ParseError {
+    /// Not TOML of this schema: the parser's message.
     Syntax(String),
+    /// A value is unusable: what is wrong, naming the key.
     Invalid(String),
 }
 

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc;
 pub mod launch;
 pub mod pit;

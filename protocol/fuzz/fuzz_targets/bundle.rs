@@ -1,0 +1,6 @@
+//! `bundle`: the body and its properties are
+//! `lifeboat_protocol::fuzzing::bundle` (the `fuzz_smoke` test of
+//! `lifeboat-tests` runs the same function on stable Rust).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| lifeboat_protocol::fuzzing::bundle(data));
