@@ -1472,3 +1472,17 @@ pub fn sparse_image(path: &Path, mib: u64) {
     let f = std::fs::File::create(path).expect("create image");
     f.set_len(mib << 20).expect("size image");
 }
+
+/// `qemu-img compare` of two raw images (files or NBD URLs): whether they
+/// are identical, and what it printed.
+pub fn qemu_img_compare(a: &str, b: &str) -> (bool, String) {
+    let out = run(
+        Path::new("qemu-img"),
+        ["compare", "-f", "raw", "-F", "raw", a, b],
+        Duration::from_secs(120),
+    );
+    (
+        out.status.success(),
+        format!("{}{}", out.stdout, out.stderr),
+    )
+}

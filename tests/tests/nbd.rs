@@ -18,7 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    binaries, file_digest, poll, recover_replica_copy, run, skip, sparse_image, NbdAgent, Receiver,
+    binaries, file_digest, poll, qemu_img_compare as compare, recover_replica_copy, run, skip,
+    sparse_image, NbdAgent, Receiver,
 };
 
 const VOLUME: &str = "vm1";
@@ -36,19 +37,6 @@ fn qemu_missing() -> Option<String> {
         }
     }
     None
-}
-
-/// `qemu-img compare` of two raw images (files or NBD URLs); whether identical.
-fn compare(a: &str, b: &str) -> (bool, String) {
-    let out = run(
-        Path::new("qemu-img"),
-        ["compare", "-f", "raw", "-F", "raw", a, b],
-        Duration::from_secs(120),
-    );
-    (
-        out.status.success(),
-        format!("{}{}", out.stdout, out.stderr),
-    )
 }
 
 fn s(p: &Path) -> &str {

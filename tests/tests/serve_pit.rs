@@ -27,8 +27,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    assert_identical, binaries, change_blocks, file_digest, poll, run, run_sync, skip,
-    write_mixed_image, Receiver, BLOCK, SERVER,
+    assert_identical, binaries, change_blocks, file_digest, poll, qemu_img_compare as compare, run,
+    run_sync, skip, write_mixed_image, Receiver, BLOCK, SERVER,
 };
 
 const VOLUME: &str = "vm1";
@@ -192,19 +192,6 @@ fn qemu_io(url: &str, commands: &[&str]) -> (bool, String) {
     let out = run(Path::new("qemu-io"), &args, Duration::from_secs(60));
     let text = format!("{}{}", out.stdout, out.stderr);
     (out.status.success() && !text.contains("failed"), text)
-}
-
-/// `qemu-img compare` of two raw images (files or NBD URLs); (identical, output).
-fn compare(a: &str, b: &str) -> (bool, String) {
-    let out = run(
-        Path::new("qemu-img"),
-        ["compare", "-f", "raw", "-F", "raw", a, b],
-        Duration::from_secs(120),
-    );
-    (
-        out.status.success(),
-        format!("{}{}", out.stdout, out.stderr),
-    )
 }
 
 fn s(p: &Path) -> &str {
