@@ -207,9 +207,10 @@ mod protocol {
         super::smoke("protocol", "frame_decoder", fuzzing::frame_decoder, 20_000);
     }
 
+    /// Inputs decode (and re-encode) blocks of up to 4 MiB: fewer of them.
     #[test]
     fn block_decoder() {
-        super::smoke("protocol", "block_decoder", fuzzing::block_decoder, 5_000);
+        super::smoke("protocol", "block_decoder", fuzzing::block_decoder, 2_000);
     }
 
     #[test]
@@ -223,7 +224,7 @@ mod protocol {
             "protocol",
             "handshake_receiver",
             fuzzing::receiver_session,
-            10_000,
+            20_000,
         );
     }
 
@@ -233,7 +234,7 @@ mod protocol {
             "protocol",
             "handshake_agent",
             fuzzing::agent_session,
-            10_000,
+            20_000,
         );
     }
 
@@ -249,7 +250,7 @@ mod nbd {
     /// Each input runs a whole async session: fewer of them.
     #[test]
     fn session() {
-        super::smoke("nbd", "session", fuzzing::session, 3_000);
+        super::smoke("nbd", "session", fuzzing::session, 5_000);
     }
 
     #[test]
