@@ -523,19 +523,36 @@ async fn replicate_volume(
             }
         }
         None => {
-            am.full_pass(full_state);
-            let pass = full_pass(&mut rep, tracking.mode, &ro, full_state, &mut shutdown).await;
-            am.pass_ended(pass.is_ok());
-            match pass {
-                Ok(()) => {}
-                Err(e) if e.is::<Stopped>() => {
-                    // No stop record: the next start runs the full pass again.
-                    info!("stopped during the first full pass");
-                    let _ = std::fs::remove_file(&files.running);
-                    rep.close().await;
-                    return Ok(());
+            // Retried (with backoff) like any later pass: a source read error
+            // or a lost receiver must not end the agent.
+            let mut delay = Duration::from_millis(500);
+            loop {
+                am.full_pass(full_state);
+                let pass = full_pass(&mut rep, tracking.mode, &ro, full_state, &mut shutdown).await;
+                am.pass_ended(pass.is_ok());
+                match pass {
+                    Ok(()) => break,
+                    Err(e) if e.is::<Stopped>() => {
+                        // No stop record: the next start runs the full pass again.
+                        info!("stopped during the first full pass");
+                        let _ = std::fs::remove_file(&files.running);
+                        rep.close().await;
+                        return Ok(());
+                    }
+                    Err(e) if is_retryable(&e) => {
+                        warn!("first full pass failed ({e:#}); retrying in {delay:?}");
+                        if or_shutdown(&mut shutdown, tokio::time::sleep(delay))
+                            .await
+                            .is_none()
+                        {
+                            let _ = std::fs::remove_file(&files.running);
+                            rep.close().await;
+                            return Ok(());
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -1048,6 +1065,18 @@ pub(crate) async fn full_pass(
     state: ReplicationState,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    full_pass_of(rep, Producer::FullScan, tracking, ro, state, shutdown).await
+}
+
+/// [`full_pass`] with `producer` (a full scan, or one through a frozen view).
+pub(crate) async fn full_pass_of(
+    rep: &mut Replicator,
+    producer: Producer,
+    tracking: TrackingMode,
+    ro: &RunOptions,
+    state: ReplicationState,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     // Only the initial sync is applied in place (the replica is not
     // consistent before it completes anyway). A rescan or a periodic scan of a
     // complete replica is one atomic epoch, so the replica stays at an epoch
@@ -1067,7 +1096,7 @@ pub(crate) async fn full_pass(
         lag_threshold: None,
     };
     let show_progress = state != ReplicationState::Continuous;
-    let pass = rep.pass(Producer::FullScan, mode, Some(template), show_progress);
+    let pass = rep.pass(producer, mode, Some(template), show_progress);
     match or_shutdown(shutdown, pass).await {
         Some(r) => {
             let report = r?;

@@ -38,6 +38,30 @@ impl ReadBlocks for SourceVolume {
     }
 }
 
+/// Reads blocks `first..last` (bytes `offset..end`) in one call. If that
+/// fails, reads them one by one to name the first block that cannot be read
+/// (a large read names only where it started), and fails with that error.
+fn read_run(
+    volume: &dyn ReadBlocks,
+    geometry: &VolumeGeometry,
+    first: u64,
+    last: u64,
+    offset: u64,
+    end: u64,
+) -> Result<Bytes, VolumeError> {
+    match volume.read_bytes(offset, (end - offset) as usize, first) {
+        Ok(b) => Ok(b),
+        Err(whole) => {
+            for b in first..last {
+                let r = geometry.block_range(b);
+                volume.read_bytes(r.start, (r.end - r.start) as usize, b)?;
+            }
+            // Every block read alone: a transient error; report the first.
+            Err(whole)
+        }
+    }
+}
+
 /// A block whose digest differs from the reference, ready to send.
 #[derive(Clone, Debug)]
 pub struct ChangedBlock {
@@ -179,7 +203,7 @@ impl Default for ScanOptions {
 /// on `opts.threads` workers. Returns early (Ok) if `out` is closed or `stop` is
 /// set; a read error stops the scan and names the block.
 pub fn scan_volume(
-    volume: &SourceVolume,
+    volume: &dyn ReadBlocks,
     geometry: VolumeGeometry,
     reference: &[BlockHash],
     opts: &ScanOptions,
@@ -239,7 +263,7 @@ pub fn scan_volume(
                 let last = (first + blocks_per_chunk).min(total);
                 let offset = geometry.block_range(first).start;
                 let end = geometry.block_range(last - 1).end;
-                let buf = volume.read_bytes(offset, (end - offset) as usize, first)?;
+                let buf = read_run(volume, &geometry, first, last, offset, end)?;
                 if work_tx.send((first, buf)).is_err() {
                     return Ok(());
                 }
@@ -331,7 +355,7 @@ pub fn scan_blocks(
         let first = blocks[i].0;
         let start = geometry.block_range(first).start;
         let end = geometry.block_range(blocks[j - 1].0).end;
-        let chunk = volume.read_bytes(start, (end - start) as usize, first)?;
+        let chunk = read_run(volume, &geometry, first, blocks[j - 1].0 + 1, start, end)?;
         // diff_chunk indexes the reference from the run's first block.
         let reference: Vec<BlockHash> = blocks[i..j].iter().map(|(_, d)| *d).collect();
         let mut failed = false;

@@ -12,7 +12,9 @@
 //! The export is served at once, before the receiver answers: a VM can boot
 //! while the receiver is away; its writes wait in the tracker. After every
 //! start a full pass settles the replica (the image may have changed while
-//! the agent was stopped), then epochs follow.
+//! the agent was stopped): it reads the image as it was at start through the
+//! tracker's view, so the replica it leaves is that image exactly, whatever
+//! clients write meanwhile. Then epochs follow.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::run::{
-    full_pass, is_retryable, or_shutdown, replication_state, AgentMetrics, RunOptions, RunState,
+    full_pass_of, is_retryable, or_shutdown, replication_state, AgentMetrics, RunOptions, RunState,
     Stopped,
 };
 use crate::sync::{
@@ -36,46 +38,8 @@ use crate::sync::{
 };
 use crate::write_order::EpochTracker;
 
-/// Where `--nbd-listen` serves: a TCP address or a Unix socket path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NbdListen {
-    /// `HOST:PORT`.
-    Tcp(std::net::SocketAddr),
-    /// `unix:/path` or an absolute path.
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for NbdListen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            return if p.is_empty() {
-                Err("unix: needs a socket path, e.g. unix:/run/lifeboat/nbd.sock".into())
-            } else {
-                Ok(NbdListen::Unix(PathBuf::from(p)))
-            };
-        }
-        if s.starts_with('/') {
-            return Ok(NbdListen::Unix(PathBuf::from(s)));
-        }
-        s.parse().map(NbdListen::Tcp).map_err(|_| {
-            format!(
-                "{s:?} is neither HOST:PORT (e.g. 127.0.0.1:10809) nor a Unix socket \
-                 (unix:/path or an absolute path)"
-            )
-        })
-    }
-}
-
-impl std::fmt::Display for NbdListen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NbdListen::Tcp(a) => write!(f, "{a}"),
-            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+/// Where `--nbd-listen` serves: `HOST:PORT` or a Unix socket.
+pub use lifeboat_nbd::Listen as NbdListen;
 
 /// One volume served over NBD: the image, opened read-write, and its tracker.
 #[derive(Debug)]
@@ -124,6 +88,9 @@ impl ServedImage {
             .with_context(|| format!("cannot create {}", spool_dir.display()))?;
         let file = Arc::new(file);
         let tracker = Arc::new(EpochTracker::new(file.clone(), &path, geometry, &spool_dir));
+        // Before any client can write: the first full pass sends the image
+        // as it is now.
+        tracker.freeze_all();
         Ok(ServedImage {
             name: opts.name.to_string(),
             path,
@@ -241,46 +208,14 @@ pub async fn start_server(
     let server =
         lifeboat_nbd::Server::new(Arc::new(exports), lifeboat_nbd::ServerConfig::default());
     let names: Vec<&str> = images.iter().map(|i| i.name()).collect();
-    match listen {
-        NbdListen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--nbd-listen: cannot listen on {addr}"))?;
-            let local = listener.local_addr()?;
-            info!(listen = %local, exports = ?names, "serving the images over NBD");
-            // Scripts and tests read the bound address from this line.
-            println!("nbd on {local}");
-            Ok(tokio::spawn(async move {
-                server.serve_tcp(listener, stop).await
-            }))
-        }
-        NbdListen::Unix(path) => {
-            // A socket file left by a previous run is replaced; anything
-            // else at that path is not.
-            use std::os::unix::fs::FileTypeExt;
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if meta.file_type().is_socket() {
-                    std::fs::remove_file(path).with_context(|| {
-                        format!("cannot remove the old socket {}", path.display())
-                    })?;
-                } else {
-                    anyhow::bail!(
-                        "--nbd-listen: {} exists and is not a socket",
-                        path.display()
-                    );
-                }
-            }
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("--nbd-listen: cannot listen on {}", path.display()))?;
-            info!(listen = %path.display(), exports = ?names, "serving the images over NBD");
-            println!("nbd on unix:{}", path.display());
-            let path = path.clone();
-            Ok(tokio::spawn(async move {
-                server.serve_unix(listener, stop).await;
-                let _ = std::fs::remove_file(&path);
-            }))
-        }
-    }
+    let (bound, task) = server
+        .spawn(listen, stop)
+        .await
+        .with_context(|| format!("--nbd-listen: cannot listen on {listen}"))?;
+    info!(listen = %bound, exports = ?names, "serving the images over NBD");
+    // Scripts and tests read the bound address from this line.
+    println!("nbd on {bound}");
+    Ok(task)
 }
 
 /// How long a stopping agent tries to make the last epochs durable.
@@ -342,8 +277,9 @@ pub(crate) async fn replicate_served_volume(
                 ReplicationState::InitialSync
             };
             am.full_pass(state);
-            let pass = full_pass(
+            let pass = full_pass_of(
                 &mut rep,
+                Producer::FrozenFull(tracker.clone()),
                 TrackingMode::NbdWriteOrder,
                 &ro,
                 state,
@@ -354,7 +290,7 @@ pub(crate) async fn replicate_served_volume(
             match pass {
                 Ok(()) => {
                     full_owed = false;
-                    tracker.after_full_pass();
+                    tracker.durable();
                     last_durable = Instant::now();
                     retry_delay = Duration::from_millis(500);
                 }
@@ -469,12 +405,8 @@ pub(crate) async fn replicate_served_volume(
             }
         }
     }
-    let left = tracker.undurable_blocks().len();
-    if left > 0 || full_owed {
-        warn!(
-            blocks = left,
-            "stopping with writes not yet replicated: the next start compares every block"
-        );
+    if tracker.has_undurable() || full_owed {
+        warn!("stopping with writes not yet replicated: the next start compares every block");
     } else {
         info!("stopping: every write is replicated");
     }

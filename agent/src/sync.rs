@@ -156,6 +156,9 @@ pub enum PassMode {
 pub enum Producer {
     /// Every block of the volume, compared with the reference.
     FullScan,
+    /// Every block read through `view` (an image frozen at one point of its
+    /// write stream), compared with the reference.
+    FrozenFull(Arc<dyn crate::scan::ReadBlocks>),
     /// These blocks only (sorted, distinct), compared with the reference.
     Blocks(Vec<u64>),
     /// Blocks already read and compared (see [`Replicator::prepare_blocks`]).
@@ -230,7 +233,15 @@ pub struct Replicator {
     /// The span of the current connection (receiver address, connection
     /// number), entered while a pass drives it.
     conn_span: tracing::Span,
+    /// When the current connection was made.
+    connected_at: Instant,
+    /// Connections in a row lost within [`QUICK_LOSS`] of being made.
+    quick_losses: u32,
 }
+
+/// A connection lost sooner than this after it was made counts as a quick
+/// loss: the next reconnect waits (exponential backoff).
+const QUICK_LOSS: Duration = Duration::from_secs(5);
 
 impl Replicator {
     /// Opens the volume, connects and settles the reference digests.
@@ -312,6 +323,8 @@ impl Replicator {
             pit_answer: None,
             metrics: None,
             conn_span,
+            connected_at: Instant::now(),
+            quick_losses: 0,
         })
     }
 
@@ -418,6 +431,7 @@ impl Replicator {
         }
         self.next_epoch = self.next_epoch.max(welcome.durable_epoch + 1);
         self.conn_span = conn_span(self.addr, self.summary.connections);
+        self.connected_at = Instant::now();
         self.link = Some(link);
         Ok(())
     }
@@ -463,11 +477,11 @@ impl Replicator {
         let stop = Arc::new(AtomicBool::new(false));
         let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
         let producer_kind = match &producer {
-            Producer::FullScan => ProducerKind::FullScan,
+            Producer::FullScan | Producer::FrozenFull(_) => ProducerKind::FullScan,
             _ => ProducerKind::Listed,
         };
         let total_blocks = match &producer {
-            Producer::FullScan => self.geometry.block_count(),
+            Producer::FullScan | Producer::FrozenFull(_) => self.geometry.block_count(),
             Producer::Blocks(b) => b.len() as u64,
             Producer::Frozen { blocks, .. } => blocks.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
@@ -481,11 +495,15 @@ impl Replicator {
             let stop = stop.clone();
             let scan_opts = self.opts.scan.clone();
             match producer {
-                Producer::FullScan => {
+                Producer::FullScan | Producer::FrozenFull(_) => {
                     let reference = self.index.digests.clone();
+                    let reader: Arc<dyn crate::scan::ReadBlocks> = match producer {
+                        Producer::FrozenFull(view) => view,
+                        _ => volume,
+                    };
                     tokio::task::spawn_blocking(move || {
                         let r = scan_volume(
-                            &volume,
+                            &*reader,
                             geometry,
                             &reference,
                             &scan_opts,
@@ -597,6 +615,23 @@ impl Replicator {
                     save_quietly(&self.index_path, &self.index);
                     if mode == PassMode::Atomic {
                         break Err(anyhow::Error::new(EpochInterrupted).context(format!("{e:#}")));
+                    }
+                    // A receiver that drops every session soon after it
+                    // starts (its staging filesystem full, say) is not
+                    // hammered: back off, up to 30 s, until one lasts.
+                    if self.connected_at.elapsed() < QUICK_LOSS {
+                        self.quick_losses = self.quick_losses.saturating_add(1);
+                        let wait = (Duration::from_millis(500)
+                            * 2u32.saturating_pow(self.quick_losses.min(6) - 1))
+                        .min(Duration::from_secs(30));
+                        info!(
+                            wait_ms = wait.as_millis() as u64,
+                            losses = self.quick_losses,
+                            "the session ended quickly; waiting before reconnecting"
+                        );
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        self.quick_losses = 0;
                     }
                     if let Err(e) = self.ensure_connected().await {
                         break Err(e);

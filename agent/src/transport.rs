@@ -172,9 +172,20 @@ impl Link {
                 .connect(addr, tls_name)
                 .map_err(|e| LinkError::Fatal(anyhow::anyhow!("cannot connect to {addr}: {e}")))?;
             let conn = connecting.await.map_err(|e| match e {
-                quinn::ConnectionError::TransportError(t) => LinkError::Fatal(anyhow::anyhow!(
-                    "TLS handshake with receiver {addr} failed: {t} (is the bundle's CA this receiver's?)"
-                )),
+                quinn::ConnectionError::TransportError(t) => {
+                    let text = t.to_string();
+                    let hint = if text.contains("not valid yet") || text.contains("expired") {
+                        format!(
+                            "check this machine's clock: it reads {}",
+                            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        )
+                    } else {
+                        "is the bundle's CA this receiver's?".to_string()
+                    };
+                    LinkError::Fatal(anyhow::anyhow!(
+                        "TLS handshake with receiver {addr} failed: {text} ({hint})"
+                    ))
+                }
                 other => match LinkError::from(other) {
                     LinkError::Lost(e) => {
                         LinkError::Lost(e.context(format!("cannot connect to {addr}")))

@@ -30,10 +30,12 @@
 //! preserved it for the older set. So a write preserves only for the newest
 //! set holding the block.
 //!
-//! The open set also holds writes made while a full pass runs; after the pass
-//! [`EpochTracker::after_full_pass`] folds any pending set back into it, so
-//! the first epoch after the pass is frozen at a FLUSH that came after every
-//! block the pass read (the pass itself reads a moving image).
+//! A full pass (at every start) reads through the same view: before the
+//! image is served, [`EpochTracker::freeze_all`] freezes *every* block as the
+//! set being sent, so the pass sends the image exactly as it was when the
+//! agent started (the state after the last write it served, or that anybody
+//! made while it was down), however long it takes and whatever clients write
+//! meanwhile (their writes are preserved copy-on-write as for any set).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -51,12 +53,21 @@ use crate::volume::VolumeError;
 /// A set of blocks frozen at one FLUSH.
 #[derive(Debug, Default)]
 struct FrozenSet {
+    /// Every block of the volume (a full pass frozen at start), whatever
+    /// `blocks` holds: since this time.
+    all: Option<Instant>,
     /// Block → time of its oldest write not yet durable.
     blocks: BTreeMap<u64, Instant>,
     /// Block → spool slot holding its content as of the FLUSH.
     preserved: HashMap<u64, u64>,
     /// FLUSHes merged into this set (the newest is the boundary).
     flushes: u64,
+}
+
+impl FrozenSet {
+    fn contains(&self, block: u64) -> bool {
+        self.all.is_some() || self.blocks.contains_key(&block)
+    }
 }
 
 /// Blocks preserved by copy-on-write, in an unlinked temporary file.
@@ -122,10 +133,6 @@ struct TrackState {
     /// Handed to the sender, kept until durable.
     sending: Option<FrozenSet>,
     spool: Spool,
-    /// A write or preservation failed: the image and the epochs can no
-    /// longer be trusted to agree; the next epoch is refused until a full
-    /// pass resets the tracker.
-    poisoned: Option<String>,
 }
 
 /// What the sender took: the blocks of one epoch, frozen at a FLUSH.
@@ -181,7 +188,6 @@ impl EpochTracker {
                     free: Vec::new(),
                     block_size: geometry.block_size.get() as u64,
                 },
-                poisoned: None,
             }),
             frozen: tokio::sync::Notify::new(),
         }
@@ -220,8 +226,8 @@ impl EpochTracker {
                 ..
             } = st;
             let set = match (pending.as_mut(), sending.as_mut()) {
-                (Some(p), _) if p.blocks.contains_key(&b) => p,
-                (_, Some(s)) if s.blocks.contains_key(&b) => s,
+                (Some(p), _) if p.contains(b) => p,
+                (_, Some(s)) if s.contains(b) => s,
                 _ => continue,
             };
             if set.preserved.contains_key(&b) {
@@ -296,6 +302,32 @@ impl EpochTracker {
         true
     }
 
+    /// Freezes every block as the set being sent, for a full pass through
+    /// this view ([`crate::sync::Producer::FrozenFull`]); call it before any
+    /// client can write. Whatever was pending or being sent is folded in.
+    pub fn freeze_all(&self) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let set = FrozenSet {
+            all: Some(now),
+            ..FrozenSet::default()
+        };
+        // The image now holds the content of every open, pending and sent
+        // block: their preserved copies are older.
+        let TrackState {
+            open,
+            pending,
+            sending,
+            spool,
+            ..
+        } = &mut *st;
+        for old in [pending.take(), sending.take()].into_iter().flatten() {
+            spool.release(old.preserved.into_values());
+        }
+        open.clear();
+        *sending = Some(set);
+    }
+
     /// Takes the pending set for sending, if none is being sent (a failed
     /// send keeps its set: [`EpochTracker::sending`] returns it again).
     pub fn take(&self) -> Option<EpochBlocks> {
@@ -303,10 +335,13 @@ impl EpochTracker {
         if st.sending.is_none() {
             st.sending = st.pending.take();
         }
-        st.sending.as_ref().map(|s| EpochBlocks {
-            blocks: s.blocks.keys().copied().collect(),
-            oldest: s.blocks.values().min().copied(),
-        })
+        st.sending
+            .as_ref()
+            .filter(|s| s.all.is_none())
+            .map(|s| EpochBlocks {
+                blocks: s.blocks.keys().copied().collect(),
+                oldest: s.blocks.values().min().copied(),
+            })
     }
 
     /// Waits until a set may be frozen (a FLUSH happened); spurious wakeups
@@ -323,21 +358,6 @@ impl EpochTracker {
         }
     }
 
-    /// A full pass completed: the pending set (whose FLUSH may precede blocks
-    /// the pass read later) goes back into the open set, so the next epoch is
-    /// frozen at a FLUSH after the pass. The set being sent is kept.
-    pub fn after_full_pass(&self) {
-        let mut st = self.lock();
-        if let Some(set) = st.pending.take() {
-            st.spool.release(set.preserved.into_values());
-            for (b, t) in set.blocks {
-                let e = st.open.entry(b).or_insert(t);
-                *e = (*e).min(t);
-            }
-        }
-        st.poisoned = None;
-    }
-
     /// Oldest write not yet durable, and the backlog.
     pub fn backlog(&self) -> (Option<Instant>, Backlog) {
         let st = self.lock();
@@ -346,7 +366,13 @@ impl EpochTracker {
         let mut note = |t: &Instant| oldest = Some(oldest.map_or(*t, |o| o.min(*t)));
         st.open.values().for_each(&mut note);
         for set in [&st.pending, &st.sending].into_iter().flatten() {
-            blocks += set.blocks.len() as u64;
+            blocks += match set.all {
+                Some(since) => {
+                    note(&since);
+                    self.geometry.block_count()
+                }
+                None => set.blocks.len() as u64,
+            };
             set.blocks.values().for_each(&mut note);
         }
         (
@@ -358,17 +384,10 @@ impl EpochTracker {
         )
     }
 
-    /// Every block not yet durable (open, pending and being sent), e.g. for
-    /// a stop record.
-    pub fn undurable_blocks(&self) -> Vec<u64> {
+    /// Whether any write is not yet durable (open, pending or being sent).
+    pub fn has_undurable(&self) -> bool {
         let st = self.lock();
-        let mut all: Vec<u64> = st.open.keys().copied().collect();
-        for set in [&st.pending, &st.sending].into_iter().flatten() {
-            all.extend(set.blocks.keys());
-        }
-        all.sort_unstable();
-        all.dedup();
-        all
+        !st.open.is_empty() || st.pending.is_some() || st.sending.is_some()
     }
 }
 
@@ -513,16 +532,27 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pass_defers_the_pending_set_to_the_next_flush() {
+    fn a_full_pass_reads_the_image_as_it_was_at_start() {
         let (_d, t) = tracker(4);
         write(&t, 1, 1);
         t.flush();
-        write(&t, 2, 2);
-        t.after_full_pass();
-        assert!(t.take().is_none(), "the pending set went back to open");
-        assert_eq!(t.backlog().1.blocks, 2);
+        t.freeze_all();
+        assert!(t.take().is_none(), "the full pass is not an epoch to take");
+        assert_eq!(t.backlog().1.blocks, 4);
+        // Writes during the pass: preserved, the pass reads the start state.
+        write(&t, 1, 2);
+        write(&t, 3, 2);
         assert!(t.flush());
-        assert_eq!(t.take().unwrap().blocks, vec![1, 2]);
+        assert_eq!(
+            (view(&t, 0), view(&t, 1), view(&t, 2), view(&t, 3)),
+            (0, 1, 0, 0)
+        );
+        assert!(t.take().is_none(), "the pass is still being sent");
+        t.durable();
+        assert_eq!(t.take().unwrap().blocks, vec![1, 3]);
+        assert_eq!((view(&t, 1), view(&t, 3)), (2, 2));
+        t.durable();
+        assert!(!t.has_undurable());
     }
 
     #[test]
@@ -544,6 +574,6 @@ mod tests {
             t.read_bytes(BS as u64 / 2, 16, 0).unwrap(),
             Bytes::from(vec![7u8; 16])
         );
-        assert_eq!(t.undurable_blocks(), vec![0, 1, 2]);
+        assert!(t.has_undurable());
     }
 }

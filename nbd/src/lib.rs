@@ -31,6 +31,7 @@
 pub mod error;
 pub mod export;
 mod file;
+pub mod listen;
 mod mem;
 pub mod proto;
 pub mod server;
@@ -42,5 +43,6 @@ pub mod fuzzing;
 pub use error::NbdError;
 pub use export::{errno_for, Export, ExportMap, Exports, IoFuture, ZeroFlags};
 pub use file::{zero_range, FileExport};
+pub use listen::Listen;
 pub use mem::MemExport;
 pub use server::{serve_connection, serve_connection_until, Server, ServerConfig};

@@ -9,12 +9,16 @@
 //! carrying the peer address and export name.
 //!
 //! # Ordering
-//! Requests of one connection are handled strictly one after another: the
-//! header is read, the payload (if any) is read, the export is called, the reply
-//! is written, and only then is the next header read. So the export sees calls
-//! in the client's order and no write is acknowledged before the export
-//! returned. This is the simplest order that is correct for replication; reads
-//! could later be pipelined ahead of writes they do not overlap.
+//! Requests of one connection are read in order, and up to [`MAX_IN_FLIGHT`]
+//! of them execute at once; each is answered as soon as the export returns
+//! (replies may come out of order, matched by handle, as the protocol allows).
+//! A client that needs one write ordered after another waits for the first
+//! reply before sending the second, so running requests it has in flight
+//! together is what the protocol promises. `NBD_CMD_FLUSH` is a barrier:
+//! every request received before it completes and is answered, then the
+//! export flushes, then later requests run. `NBD_CMD_DISC` and shutdown let
+//! the requests in flight finish and answer first. No write is acknowledged
+//! before the export returned.
 //!
 //! # Shutdown
 //! When the [`CancellationToken`] fires, listeners stop accepting; a connection
@@ -325,30 +329,36 @@ fn errno_of(result: &io::Result<()>, fast_zero: bool) -> u32 {
     }
 }
 
-async fn transmission<S>(
-    conn: &mut BufReader<S>,
-    export: &dyn Export,
-    config: &ServerConfig,
-    shutdown: &CancellationToken,
-) -> Result<(), NbdError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let size = export.size();
-    let read_only = export.read_only();
-    loop {
+/// Requests of one connection executing at once (see the module docs).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// One request read off the wire, admitted, with its payload.
+enum Incoming {
+    /// The client closed between requests.
+    Closed,
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+    /// `NBD_CMD_FLUSH`: a barrier.
+    Flush(u64),
+    /// Refused at admission (payload already discarded).
+    Refused(u64, u32),
+    /// Anything else, to execute.
+    Run(u64, Admission, Option<Bytes>),
+}
+
+/// Reads the next request (header and any payload). Owns the reader while it
+/// runs, so the future can stay alive across the driver's select loop (it is
+/// never dropped half-way, which would lose bytes) and gives it back.
+async fn next_request<R: AsyncRead + Unpin>(
+    mut conn: R,
+    size: u64,
+    read_only: bool,
+    max_payload: u32,
+) -> (R, Result<Incoming, NbdError>) {
+    let result = async {
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
-        let got = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => {
-                info!("shutting down between requests");
-                return Ok(());
-            }
-            got = read_message(conn, &mut raw, "request header") => got?,
-        };
-        if !got {
-            debug!("client closed without NBD_CMD_DISC");
-            return Ok(());
+        if !read_message(&mut conn, &mut raw, "request header").await? {
+            return Ok(Incoming::Closed);
         }
         let header = RequestHeader::parse(&raw).map_err(|source| {
             warn!(error = %source, "bad request header; disconnecting");
@@ -357,7 +367,7 @@ where
                 source,
             }
         })?;
-        let admission = session::admit_request(&header, size, read_only, config.max_payload);
+        let admission = session::admit_request(&header, size, read_only, max_payload);
         trace!(
             handle = header.handle,
             command = header.command,
@@ -367,15 +377,12 @@ where
             "request"
         );
         let handle = header.handle;
-        let error = match admission {
-            Admission::Disconnect => {
-                debug!("client disconnected");
-                let _ = conn.shutdown().await;
-                return Ok(());
-            }
+        Ok(match admission {
+            Admission::Disconnect => Incoming::Disconnect,
+            Admission::Flush => Incoming::Flush(handle),
             Admission::Reject { errno, discard: n } => {
                 if n > 0 {
-                    discard(conn, u64::from(n), "refused write payload").await?;
+                    discard(&mut conn, u64::from(n), "refused write payload").await?;
                 }
                 debug!(
                     handle,
@@ -385,90 +392,181 @@ where
                     ?errno,
                     "request refused"
                 );
-                errno.code()
+                Incoming::Refused(handle, errno.code())
             }
-            Admission::Read { offset, length } => {
-                let result = if length == 0 {
-                    Ok(Bytes::new())
-                } else {
-                    export.read(offset, length).await
-                };
-                match result {
-                    Ok(data) if data.len() == length as usize => {
-                        reply(conn, handle, 0, Some(&data)).await?;
-                        continue;
-                    }
-                    Ok(data) => {
-                        warn!(
-                            offset,
-                            length,
-                            got = data.len(),
-                            "export returned a short read"
-                        );
-                        proto::Errno::Io.code()
-                    }
-                    Err(e) => {
-                        warn!(offset, length, error = %e, "read failed");
-                        session::reply_errno(&e, false).code()
-                    }
-                }
-            }
-            Admission::Write {
-                offset,
-                length,
-                fua,
-            } => {
+            Admission::Write { length, .. } => {
                 // `length` is bounded by `max_payload` in `admit_request`.
                 let mut payload = BytesMut::zeroed(length as usize);
-                read_exact(conn, &mut payload, "write payload").await?;
-                let result = export.write(offset, payload.freeze(), fua).await;
-                if let Err(e) = &result {
-                    warn!(offset, length, error = %e, "write failed");
-                }
-                errno_of(&result, false)
+                read_exact(&mut conn, &mut payload, "write payload").await?;
+                Incoming::Run(handle, admission, Some(payload.freeze()))
             }
-            Admission::Flush => {
-                let result = export.flush().await;
-                if let Err(e) = &result {
-                    warn!(error = %e, "flush failed");
+            other => Incoming::Run(handle, other, None),
+        })
+    }
+    .await;
+    (conn, result)
+}
+
+/// A reply to send: handle, error number, data of a successful read.
+type Done = (u64, u32, Option<Bytes>);
+
+/// Runs one admitted request against the export.
+async fn execute(
+    export: &dyn Export,
+    handle: u64,
+    admission: Admission,
+    payload: Option<Bytes>,
+) -> Done {
+    match admission {
+        Admission::Read { offset, length } => {
+            let result = if length == 0 {
+                Ok(Bytes::new())
+            } else {
+                export.read(offset, length).await
+            };
+            match result {
+                Ok(data) if data.len() == length as usize => (handle, 0, Some(data)),
+                Ok(data) => {
+                    warn!(
+                        offset,
+                        length,
+                        got = data.len(),
+                        "export returned a short read"
+                    );
+                    (handle, proto::Errno::Io.code(), None)
                 }
-                errno_of(&result, false)
+                Err(e) => {
+                    warn!(offset, length, error = %e, "read failed");
+                    (handle, session::reply_errno(&e, false).code(), None)
+                }
             }
-            Admission::Trim {
-                offset,
-                length,
-                fua,
-            } => {
-                let result = if length == 0 {
-                    Ok(())
-                } else {
-                    export.trim(offset, length, fua).await
+        }
+        Admission::Write {
+            offset,
+            length,
+            fua,
+        } => {
+            let result = export.write(offset, payload.unwrap_or_default(), fua).await;
+            if let Err(e) = &result {
+                warn!(offset, length, error = %e, "write failed");
+            }
+            (handle, errno_of(&result, false), None)
+        }
+        Admission::Trim {
+            offset,
+            length,
+            fua,
+        } => {
+            let result = if length == 0 {
+                Ok(())
+            } else {
+                export.trim(offset, length, fua).await
+            };
+            if let Err(e) = &result {
+                warn!(offset, length, error = %e, "trim failed");
+            }
+            (handle, errno_of(&result, false), None)
+        }
+        Admission::WriteZeroes {
+            offset,
+            length,
+            flags,
+        } => {
+            let result = if length == 0 {
+                Ok(())
+            } else {
+                export.write_zeroes(offset, length, flags).await
+            };
+            if let Err(e) = &result {
+                if !(flags.fast && e.kind() == io::ErrorKind::Unsupported) {
+                    warn!(offset, length, error = %e, "write zeroes failed");
+                }
+            }
+            (handle, errno_of(&result, flags.fast), None)
+        }
+        Admission::Flush => {
+            let result = export.flush().await;
+            if let Err(e) = &result {
+                warn!(error = %e, "flush failed");
+            }
+            (handle, errno_of(&result, false), None)
+        }
+        // Handled by the driver before execution.
+        Admission::Disconnect | Admission::Reject { .. } => {
+            (handle, proto::Errno::Inval.code(), None)
+        }
+    }
+}
+
+async fn transmission<S>(
+    conn: &mut BufReader<S>,
+    export: &dyn Export,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let size = export.size();
+    let read_only = export.read_only();
+    let max_payload = config.max_payload;
+    let (reader, mut writer) = tokio::io::split(conn);
+    let mut reading = Box::pin(next_request(reader, size, read_only, max_payload));
+    let mut in_flight: FuturesUnordered<_> = FuturesUnordered::new();
+    let outcome = loop {
+        let room = in_flight.len() < MAX_IN_FLIGHT;
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (handle, error, data): Done = done;
+                reply(&mut writer, handle, error, data.as_ref()).await?;
+            }
+            () = shutdown.cancelled() => {
+                info!("shutting down between requests");
+                break Ok(());
+            }
+            (reader, incoming) = &mut reading, if room => {
+                let incoming = match incoming {
+                    Ok(i) => i,
+                    Err(e) => break Err(e),
                 };
-                if let Err(e) = &result {
-                    warn!(offset, length, error = %e, "trim failed");
-                }
-                errno_of(&result, false)
-            }
-            Admission::WriteZeroes {
-                offset,
-                length,
-                flags,
-            } => {
-                let result = if length == 0 {
-                    Ok(())
-                } else {
-                    export.write_zeroes(offset, length, flags).await
-                };
-                if let Err(e) = &result {
-                    if !(flags.fast && e.kind() == io::ErrorKind::Unsupported) {
-                        warn!(offset, length, error = %e, "write zeroes failed");
+                match incoming {
+                    Incoming::Closed => {
+                        debug!("client closed without NBD_CMD_DISC");
+                        break Ok(());
+                    }
+                    Incoming::Disconnect => {
+                        debug!("client disconnected");
+                        break Ok(());
+                    }
+                    Incoming::Refused(handle, errno) => {
+                        reply(&mut writer, handle, errno, None).await?;
+                    }
+                    Incoming::Flush(handle) => {
+                        // A barrier: every request received before it
+                        // completes (and is answered) first.
+                        while let Some((h, error, data)) = in_flight.next().await {
+                            reply(&mut writer, h, error, data.as_ref()).await?;
+                        }
+                        let (h, error, _) = execute(export, handle, Admission::Flush, None).await;
+                        reply(&mut writer, h, error, None).await?;
+                    }
+                    Incoming::Run(handle, admission, payload) => {
+                        in_flight.push(execute(export, handle, admission, payload));
                     }
                 }
-                errno_of(&result, flags.fast)
+                reading.set(next_request(reader, size, read_only, max_payload));
             }
-        };
-        reply(conn, handle, error, None).await?;
+        }
+    };
+    // Requests already executing finish and are answered before the
+    // connection closes.
+    while let Some((h, error, data)) = in_flight.next().await {
+        reply(&mut writer, h, error, data.as_ref()).await?;
     }
+    let _ = writer.shutdown().await;
+    outcome
 }
 
 /// Something that accepts byte-stream connections.

@@ -1084,7 +1084,7 @@ mod tests {
                 "progress_ppm",
                 1_000_001,
             ),
-            (26, vec![3u8], "tracking", 3),
+            (26, vec![4u8], "tracking", 4),
         ] {
             let mut bad = good.clone();
             bad[at..at + bytes.len()].copy_from_slice(&bytes);

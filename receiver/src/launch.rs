@@ -33,6 +33,11 @@
 //!    in place, only with `force`.
 //!
 //! A non-empty existing target is refused without `force`.
+//!
+//! [`launch`] is [`open_pit`] + [`LaunchTarget::prepare`] + [`restore`];
+//! `serve-pit --hydrate` calls the last two itself, with fewer workers, a
+//! progress log line instead of a bar, and a cancellation token
+//! ([`RestoreControl`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -44,12 +49,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use lifeboat_protocol::{zero_hash, BlockHash, VolumeGeometry};
+use lifeboat_protocol::{BlockHash, VolumeGeometry};
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::fsutil;
-use crate::pit::{list_pits, load_manifest, pick_pit, resolve, At, PitError, PitRef, PitSummary};
+use crate::pit::{open_pit, At, PitError, PitSummary, ResolvedPit};
 use crate::store::{Store, StoreError};
 
 /// Chunks fetched at once from a remote store.
@@ -98,6 +104,13 @@ pub enum LaunchError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The restore was cancelled before it completed; nothing was left at
+    /// the target.
+    #[error("restore into {} cancelled before it completed", path.display())]
+    Cancelled {
+        /// The target.
+        path: PathBuf,
     },
     /// Reading or writing the target failed.
     #[error("{}: {source}", path.display())]
@@ -169,6 +182,97 @@ enum Target {
     Device { file: File },
 }
 
+/// Where a restore writes, checked and opened before any block is fetched: a
+/// sparse temporary file beside `out` (renamed onto it when complete), or a
+/// block device written in place. Dropped without [`restore`], it removes its
+/// temporary file.
+pub struct LaunchTarget {
+    out: PathBuf,
+    target: Option<Target>,
+}
+
+impl std::fmt::Debug for LaunchTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.target {
+            Some(Target::File { tmp, .. }) => format!("file via {}", tmp.display()),
+            Some(Target::Device { .. }) => "device".to_string(),
+            None => "spent".to_string(),
+        };
+        f.debug_struct("LaunchTarget")
+            .field("out", &self.out)
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl LaunchTarget {
+    /// Checks `out` (a non-empty file needs `force`, a block device needs
+    /// `force` and at least `volume_bytes`) and opens it: a file target gets a
+    /// temporary file of `volume_bytes` beside it.
+    pub fn prepare(
+        out: &Path,
+        force: bool,
+        volume_bytes: u64,
+    ) -> Result<LaunchTarget, LaunchError> {
+        let existing = check_target(out, force)?;
+        let target = open_target(out, existing, volume_bytes)?;
+        Ok(LaunchTarget {
+            out: out.to_path_buf(),
+            target: Some(target),
+        })
+    }
+
+    /// The file or device that holds the volume once the restore completed.
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+}
+
+impl Drop for LaunchTarget {
+    fn drop(&mut self) {
+        if let Some(Target::File { tmp, .. }) = self.target.take() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// How progress of a restore is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar on a terminal, else a `launch progress` log line every 2 s.
+    Auto,
+    /// Only a log line (`"{what} progress"`) every `every`.
+    Log {
+        /// What is restoring (`hydrate`).
+        what: &'static str,
+        /// Time between two lines.
+        every: Duration,
+    },
+}
+
+/// How a [`restore`] runs.
+#[derive(Clone, Debug)]
+pub struct RestoreControl {
+    /// Worker threads; `None` for the default ([`LOCAL_WORKERS`] for a local
+    /// store, one per core otherwise).
+    pub workers: Option<usize>,
+    /// How progress is shown.
+    pub progress: Progress,
+    /// Stops the restore ([`LaunchError::Cancelled`]; nothing is left at the
+    /// target) when cancelled.
+    pub cancel: Option<CancellationToken>,
+}
+
+impl Default for RestoreControl {
+    fn default() -> Self {
+        RestoreControl {
+            workers: None,
+            progress: Progress::Auto,
+            cancel: None,
+        }
+    }
+}
+
 /// Launches a PIT of `server`/`volume` from `store` into `opts.out`.
 pub async fn launch(
     store: &Store,
@@ -177,32 +281,41 @@ pub async fn launch(
     opts: &LaunchOptions,
 ) -> Result<LaunchReport, LaunchError> {
     let started = Instant::now();
-    let pit_err = |source: PitError| LaunchError::Pit {
-        server: server.to_string(),
-        volume: volume.to_string(),
-        error: Box::new(source),
-    };
-    let out = &opts.out;
-    let existing = check_target(out, opts.force)?;
-
-    let pits = list_pits(store, server, volume).await.map_err(pit_err)?;
-    let pit = pick_pit(&pits, &opts.at).map_err(pit_err)?.clone();
-    let pit_ref = PitRef {
-        id: pit
-            .id
-            .parse()
-            .map_err(|_| pit_err(PitError::UnknownPit { id: pit.id.clone() }))?,
-        epoch: pit.epoch,
-    };
-    let manifest = load_manifest(store, server, volume, &pit_ref)
+    // Refuse a bad target before touching the store.
+    check_target(&opts.out, opts.force)?;
+    let pit = open_pit(store, server, volume, &opts.at)
         .await
-        .map_err(pit_err)?;
-    let digests = resolve(store, &manifest).await.map_err(pit_err)?;
-    let geometry = manifest.geometry;
+        .map_err(|error| LaunchError::Pit {
+            server: server.to_string(),
+            volume: volume.to_string(),
+            error: Box::new(error),
+        })?;
+    let target = LaunchTarget::prepare(&opts.out, opts.force, pit.geometry.volume_bytes)?;
+    let mut report = restore(store, &pit, target, &RestoreControl::default()).await?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
 
-    let target = open_target(out, existing, geometry.volume_bytes)?;
-    let result = write_blocks(store, &pit.id, geometry, digests, &target, out).await;
-    match (result, target) {
+/// Fetches, verifies and writes every block of `pit` into `target`, then
+/// makes it durable (a file: fsync, rename onto the target, fsync the
+/// directory; a device: fsync). On any error, or when cancelled, a file
+/// target is left as it was and the temporary file removed.
+pub async fn restore(
+    store: &Store,
+    pit: &ResolvedPit,
+    mut target: LaunchTarget,
+    ctl: &RestoreControl,
+) -> Result<LaunchReport, LaunchError> {
+    let started = Instant::now();
+    let out = target.out.clone();
+    let geometry = pit.geometry;
+    let inner = target.target.take().ok_or_else(|| LaunchError::BadTarget {
+        path: out.clone(),
+        reason: "this target was already used".into(),
+    })?;
+    let result = write_blocks(store, pit, &inner, &out, ctl).await;
+    let summary = pit.summary.clone();
+    match (result, inner) {
         (Ok((fetched, zero)), Target::File { tmp, file }) => {
             let io = |source| LaunchError::Io {
                 path: tmp.clone(),
@@ -211,9 +324,9 @@ pub async fn launch(
             let done = file
                 .sync_all()
                 .map_err(io)
-                .and_then(|()| std::fs::rename(&tmp, out).map_err(io))
+                .and_then(|()| std::fs::rename(&tmp, &out).map_err(io))
                 .and_then(|()| {
-                    fsync_parent(out).map_err(|source| LaunchError::Io {
+                    fsync_parent(&out).map_err(|source| LaunchError::Io {
                         path: out.clone(),
                         source,
                     })
@@ -222,14 +335,14 @@ pub async fn launch(
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
-            Ok(report(pit, geometry, fetched, zero, started))
+            Ok(report(summary, geometry, fetched, zero, started))
         }
         (Ok((fetched, zero)), Target::Device { file }) => {
             file.sync_all().map_err(|source| LaunchError::Io {
                 path: out.clone(),
                 source,
             })?;
-            Ok(report(pit, geometry, fetched, zero, started))
+            Ok(report(summary, geometry, fetched, zero, started))
         }
         (Err(e), Target::File { tmp, file }) => {
             drop(file);
@@ -325,6 +438,7 @@ fn open_target(out: &Path, existing: Existing, volume_bytes: u64) -> Result<Targ
         })?
         .to_string_lossy()
         .into_owned();
+    remove_stale_temps(out, &name);
     let tmp = out.with_file_name(format!(
         ".{name}.lifeboat-launch-{}.tmp",
         std::process::id()
@@ -340,6 +454,42 @@ fn open_target(out: &Path, existing: Existing, volume_bytes: u64) -> Result<Targ
         return Err(LaunchError::Io { path: tmp, source });
     }
     Ok(Target::File { tmp, file })
+}
+
+/// Removes the temporary files earlier launches to `out` left when they were
+/// killed (`.NAME.lifeboat-launch-PID.tmp` whose PID is no longer running);
+/// a launch still running keeps its own.
+fn remove_stale_temps(out: &Path, name: &str) {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{name}.lifeboat-launch-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed the temporary file of a launch that did not finish")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot remove a stale launch file: {e}")
+                }
+            }
+        }
+    }
 }
 
 fn fsync_parent(path: &Path) -> std::io::Result<()> {
@@ -516,12 +666,13 @@ impl Pipeline {
 /// Fetches, verifies and writes every block; returns (fetched, zero) counts.
 async fn write_blocks(
     store: &Store,
-    pit_id: &str,
-    geometry: VolumeGeometry,
-    digests: Vec<BlockHash>,
+    pit: &ResolvedPit,
     target: &Target,
     out: &Path,
+    ctl: &RestoreControl,
 ) -> Result<(u64, u64), LaunchError> {
+    let geometry = pit.geometry;
+    let pit_id = pit.summary.id.as_str();
     let (file, device) = match target {
         Target::File { file, .. } => (file.try_clone(), false),
         Target::Device { file } => (file.try_clone(), true),
@@ -530,16 +681,12 @@ async fn write_blocks(
         path: out.to_path_buf(),
         source,
     })?;
-    let block_size = geometry.block_size.bytes();
-    let full_zero = zero_hash(block_size);
-    let last = geometry.block_count().saturating_sub(1);
-    let last_zero = zero_hash(geometry.block_len(last) as usize);
     let mut zero = 0u64;
     let mut hole_bytes = 0u64;
-    let mut jobs = Vec::with_capacity(digests.len());
-    for (i, digest) in digests.into_iter().enumerate() {
+    let mut jobs = Vec::with_capacity(pit.digests.len());
+    for (i, digest) in pit.digests.iter().enumerate() {
         let index = i as u64;
-        let is_zero = digest == if index == last { last_zero } else { full_zero };
+        let is_zero = pit.zero.is_zero(index, digest);
         if is_zero {
             zero += 1;
             if !device {
@@ -550,7 +697,7 @@ async fn write_blocks(
         }
         jobs.push(Job {
             index,
-            digest,
+            digest: *digest,
             zero: is_zero,
         });
     }
@@ -563,11 +710,15 @@ async fn write_blocks(
                 next: AtomicUsize::new(0),
             },
             None,
-            LOCAL_WORKERS.max(cores),
+            ctl.workers.unwrap_or(LOCAL_WORKERS.max(cores)).max(1),
         )
     } else {
         let (tx, rx) = mpsc::channel(2 * FETCH_CONCURRENCY);
-        (Feed::Remote { rx: Mutex::new(rx) }, Some(tx), cores)
+        (
+            Feed::Remote { rx: Mutex::new(rx) },
+            Some(tx),
+            ctl.workers.unwrap_or(cores).max(1),
+        )
     };
     let pipeline = Arc::new(Pipeline {
         store: store.clone(),
@@ -621,30 +772,51 @@ async fn write_blocks(
         .collect();
 
     // A bar on a terminal, a log line every few seconds otherwise.
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let bar = indicatif::ProgressBar::new(geometry.volume_bytes);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} launch [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    });
+    let (bar, log_every, what) = match ctl.progress {
+        Progress::Auto => {
+            let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let bar = indicatif::ProgressBar::new(geometry.volume_bytes);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} launch [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                bar
+            });
+            (bar, Duration::from_secs(2), "launch")
+        }
+        Progress::Log { what, every } => (None, every, what),
+    };
     let mut joined = futures::future::join_all(handles);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_log = Instant::now();
+    let cancel = ctl.cancel.clone();
+    let mut cancelled = false;
     let results = loop {
         tokio::select! {
             results = &mut joined => break results,
+            () = async {
+                match &cancel {
+                    Some(c) => c.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            }, if !cancelled => {
+                // The workers stop at their next block; the loop waits for them.
+                cancelled = true;
+                pipeline.fail(LaunchError::Cancelled {
+                    path: out.to_path_buf(),
+                });
+            }
             _ = tick.tick() => {
                 let done = pipeline.done_bytes.load(Ordering::Relaxed);
                 match &bar {
                     Some(bar) => bar.set_position(done),
-                    None if last_log.elapsed() >= Duration::from_secs(2) => {
+                    None if last_log.elapsed() >= log_every => {
                         last_log = Instant::now();
-                        tracing::info!(bytes_done = done, bytes = geometry.volume_bytes, "launch progress");
+                        let percent = (done as f64 * 100.0 / geometry.volume_bytes.max(1) as f64).round();
+                        tracing::info!(bytes_done = done, bytes = geometry.volume_bytes, percent, "{what} progress");
                     }
                     None => {}
                 }
@@ -676,7 +848,7 @@ async fn write_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pit::{write_manifest, NewPit, PitId, PitManifest};
+    use crate::pit::{resolve, write_manifest, NewPit, PitId, PitManifest};
     use crate::store::{chunk_key, local_object_path, S3Settings, StoreUrl};
     use lifeboat_protocol::{BlockSize, ServerName, VolumeName};
 

@@ -12,6 +12,7 @@ use lifeboat_protocol::{Bundle, ServerName, VolumeName};
 use lifeboat_receiver::config::{split_host_port, ConfigError, ReceiverConfig};
 use lifeboat_receiver::fsutil;
 use lifeboat_receiver::pki::Pki;
+use lifeboat_receiver::serve_pit::{self, HydrateOutcome, NbdListen, ServePitOptions};
 use lifeboat_receiver::store::{Store, StoreUrl};
 use lifeboat_receiver::{launch, pit};
 use lifeboat_telemetry::logs::LogControl;
@@ -65,6 +66,21 @@ enum Command {
     /// (sparse for a file) beside FILE, fsyncs and renames it into place.
     /// Reads the store directly; no `serve` needed.
     Launch(LaunchArgs),
+    /// Serve one PIT of a volume as an NBD export at once, before any of it
+    /// is copied (instant recovery). The export is named after the volume
+    /// (and is the default export). Reads fetch blocks from the store on
+    /// demand, verified, through a memory cache with read-ahead; a missing or
+    /// corrupt chunk fails that read with EIO and is logged with the block,
+    /// digest and PIT. Writes go to a local overlay (a sparse file and a
+    /// bitmap); the PIT is never modified. FLUSH makes the overlay durable,
+    /// but the overlay is scratch space: it is DISCARDED when serve-pit
+    /// starts, unless --keep-overlay is given. With --hydrate, the whole PIT
+    /// is copied to a file in the background; once complete, reads of blocks
+    /// not written through the export come from that copy (the copy stays
+    /// exactly the PIT; writes stay in the overlay). Prints "nbd on ADDR" once
+    /// listening; SIGINT/SIGTERM stop it cleanly (connections end, the
+    /// overlay is synced). Reads the store directly; no `serve` needed.
+    ServePit(ServePitArgs),
     /// Apply retention and collect garbage in the PIT store: retire the PITs
     /// the rules of receiver.toml's [retention] (and [[retention_override]])
     /// no longer keep, delete the manifests no live PIT needs, and delete the
@@ -77,6 +93,31 @@ enum Command {
     /// connections and closes its live ones within a second. `enroll --force`
     /// afterwards issues a new certificate (a new bundle) that works.
     Revoke(RevokeArgs),
+    /// Check by BLAKE3 digest that the staging volume (or, with --pit, a
+    /// PIT's chunks in the store) holds what the receiver acknowledged, and
+    /// name every block that does not. Reads only; safe while `serve` runs.
+    /// Exit status 0: all match; 2: mismatches found; 1: could not check.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Check this PIT (`latest`, an id or an RFC 3339 time) in the store
+    /// instead of the staging volume.
+    #[arg(long, value_name = "WHEN")]
+    pit: Option<String>,
+    /// Print the report as JSON (target, blocks, checked, unchecked,
+    /// mismatched: [{block, expected, found}]).
+    #[arg(long)]
+    json: bool,
+    /// Mark the mismatched blocks of the staging volume for resync: their
+    /// digests are forgotten, so the agent's next full pass (any `sync`, or
+    /// `run` at its next start) resends exactly them from the source. Needs
+    /// `serve` stopped (it holds the replica).
+    #[arg(long, conflicts_with = "pit")]
+    repair: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,6 +173,48 @@ struct LaunchArgs {
     /// Overwrite a non-empty file; required to write a block device in place.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServePitArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Which PIT: `latest`, a PIT id, or an RFC 3339 time (the newest PIT at or
+    /// before it).
+    #[arg(long, value_name = "WHEN", default_value = "latest")]
+    at: String,
+    /// Serve NBD on HOST:PORT (port 0 picks a free port; the address is
+    /// printed) or on a Unix socket (unix:/path).
+    #[arg(long, value_name = "ADDR")]
+    nbd_listen: NbdListen,
+    /// The overlay's data file; its bitmap is FILE.bitmap [default:
+    /// DIR/serve-pit/SERVER/VOLUME/PIT-ID/overlay.img].
+    #[arg(long, value_name = "FILE")]
+    overlay: Option<PathBuf>,
+    /// Keep the overlay left by an earlier serve-pit of the same PIT (its
+    /// writes up to its last FLUSH) instead of discarding it.
+    #[arg(long)]
+    keep_overlay: bool,
+    /// Copy the whole PIT into FILE in the background (sparse, verified,
+    /// written beside it and renamed into place when complete, like
+    /// `launch`); then serve reads from it.
+    #[arg(long, value_name = "FILE")]
+    hydrate: Option<PathBuf>,
+    /// With --hydrate: overwrite a non-empty FILE; required for a block device.
+    #[arg(long, requires = "hydrate")]
+    force: bool,
+    /// Memory for blocks fetched from the store (least recently used are
+    /// dropped first).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size_arg)]
+    cache_size: u64,
+    /// How far ahead of a sequential reader to fetch blocks, 0 for none (at
+    /// most a quarter of --cache-size).
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_size_arg)]
+    read_ahead: u64,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    lifeboat_protocol::geometry::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -263,8 +346,14 @@ fn main() -> ExitCode {
         Command::Status(args) => status(&args),
         Command::Pits(args) => pits(&args),
         Command::Launch(args) => launch(&args),
+        Command::ServePit(args) => serve_pit(&args),
         Command::Gc(args) => gc(&args),
         Command::Revoke(args) => revoke(&args),
+        Command::Verify(args) => match verify(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -453,6 +542,18 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         print!("{}", render_table(&rows));
+        for row in &rows {
+            if let StatusRow::Volume(v) = row {
+                if let Some(e) = &v.last_error {
+                    println!(
+                        "error: {}/{} since {}: {e}",
+                        v.server,
+                        v.volume,
+                        v.last_error_at.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -567,6 +668,70 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `verify`: whether everything matched.
+fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
+    use lifeboat_receiver::verify::{render, verify_pit, verify_staging};
+    let s = &args.store;
+    let report = match &args.pit {
+        Some(when) => {
+            let at = launch::parse_at(when).map_err(|e| anyhow::anyhow!("--pit: {e}"))?;
+            let store = open_store(s)?;
+            runtime()?.block_on(verify_pit(
+                &store,
+                s.server.as_str(),
+                s.volume.as_str(),
+                &at,
+            ))?
+        }
+        None => {
+            let config = config_or_default(&s.dir, s.config.as_deref())?;
+            let staging = config.staging_path(&s.dir, &s.server, &s.volume);
+            let paths = lifeboat_receiver::replica::ReplicaPaths::new(
+                &s.dir, &s.server, &s.volume, staging,
+            );
+            if !paths.index.exists() {
+                bail!(
+                    "{}/{}: no replica on this receiver ({} is missing)",
+                    s.server,
+                    s.volume,
+                    paths.index.display()
+                );
+            }
+            let report = verify_staging(&paths)?;
+            if args.repair && !report.mismatched.is_empty() {
+                if lifeboat_receiver::web::query_status(&s.dir).is_some() {
+                    bail!(
+                        "{} mismatched blocks found, but `serve` is running on {} and holds the replica: stop it, then run verify --repair again",
+                        report.mismatched.len(),
+                        s.dir.display()
+                    );
+                }
+                let ack = lifeboat_receiver::replica::acknowledged_digests(&paths)?;
+                let mut replica = lifeboat_receiver::replica::Replica::open(
+                    s.server.clone(),
+                    s.volume.clone(),
+                    paths.clone(),
+                    ack.geometry,
+                    false,
+                )?;
+                let blocks: Vec<u64> = report.mismatched.iter().map(|m| m.block).collect();
+                let generation = replica.forget_blocks(&blocks)?;
+                eprintln!(
+                    "marked {} blocks for resync (generation {generation}): the agent's next full pass resends them",
+                    blocks.len()
+                );
+            }
+            report
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(report.mismatched.is_empty())
+}
+
 /// `revoke`: adds every certificate of the server to the revocation list.
 fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
     let pki = Pki::open(&args.dir)?;
@@ -589,6 +754,42 @@ fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
         args.server
     );
     Ok(())
+}
+
+/// `serve-pit`: serve a PIT over NBD until SIGINT or SIGTERM.
+fn serve_pit(args: &ServePitArgs) -> anyhow::Result<()> {
+    let at = launch::parse_at(&args.at).map_err(|e| anyhow::anyhow!("--at: {e}"))?;
+    let store = open_store(&args.store)?;
+    let (server, volume) = (args.store.server.as_str(), args.store.volume.as_str());
+    let opts = ServePitOptions {
+        overlay: args.overlay.clone(),
+        keep_overlay: args.keep_overlay,
+        hydrate: args.hydrate.clone(),
+        force: args.force,
+        cache_bytes: args.cache_size,
+        read_ahead_bytes: args.read_ahead,
+        ..ServePitOptions::new(at, args.nbd_listen.clone())
+    };
+    runtime()?.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before serving: a signal from now on stops cleanly.
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let serving = serve_pit::start(store, server, volume, &args.store.dir, opts).await?;
+        // Scripts and tests read the bound address from this line.
+        println!("nbd on {}", serving.listening());
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal, "stopping");
+        let report = serving.stop().await?;
+        if let Some(HydrateOutcome::Failed(e)) = &report.hydration {
+            // The export was served; the copy asked for was not made.
+            anyhow::bail!("--hydrate failed: {e}");
+        }
+        Ok(())
+    })
 }
 
 /// `gc`: retention and garbage collection over the store.
@@ -800,6 +1001,37 @@ mod tests {
             "9650",
         ])
         .is_err());
+        let serve_pit = |extra: &[&str]| {
+            let mut args = vec![
+                "lifeboat-receiver",
+                "serve-pit",
+                "--dir",
+                "d",
+                "--server",
+                "web-1",
+                "--volume",
+                "vm1",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let cli = serve_pit(&["--nbd-listen", "unix:/run/x.sock", "--cache-size", "8MiB"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::ServePit(ServePitArgs {
+                cache_size: 8388608,
+                read_ahead: 2097152,
+                nbd_listen: NbdListen::Unix(_),
+                keep_overlay: false,
+                ..
+            })
+        ));
+        assert!(serve_pit(&[]).is_err(), "--nbd-listen is required");
+        assert!(
+            serve_pit(&["--nbd-listen", "127.0.0.1:0", "--force"]).is_err(),
+            "--force needs --hydrate"
+        );
+        assert!(serve_pit(&["--nbd-listen", "127.0.0.1:0", "--cache-size", "lots"]).is_err());
         let cli = Cli::try_parse_from(["lifeboat-receiver", "gc", "--dir", "d"]).unwrap();
         assert!(matches!(
             cli.command,

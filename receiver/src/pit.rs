@@ -59,14 +59,13 @@
 //!   randomness, so they sort by creation time and two receivers never pick the
 //!   same one.
 //!
-//! ## Not done yet (the integration step)
-//! - The receiver taking PITs at epoch boundaries (schedule and `--pit` on
-//!   demand) without stopping apply: read the durable replica's digests, store
-//!   the changed blocks' chunks from the staging volume, then
-//!   [`write_manifest`].
-//! - `lifeboat-receiver pits` ([`list_pits`]), `launch` ([`pick_pit`],
-//!   [`resolve`], parallel [`Store::get_chunk`]; a block whose digest is
-//!   `zero_hash(len)` can be written as a hole without fetching).
+//! ## Restoring
+//! [`open_pit`] is the one way `launch` and `serve-pit` choose and resolve a
+//! PIT ([`list_pits`], [`pick_pit`], [`load_manifest`], [`resolve`]) into a
+//! [`ResolvedPit`]; a block whose digest is the zero digest
+//! ([`ZeroDigests`]) is never fetched.
+//!
+//! ## Limits
 //! - Manifests are single objects: 40 bytes per entry, so a full manifest of a
 //!   1 TiB volume at 64 KiB blocks is 640 MiB. Multi-TiB volumes want a
 //!   chunked (index-of-index) manifest, which would be format version 2.
@@ -882,6 +881,90 @@ pub fn pick_pit<'a>(list: &'a [PitSummary], at: &At) -> Result<&'a PitSummary, P
                 first_time: first.time.clone(),
             }),
     }
+}
+
+/// Which digests mean "all zeros" in a volume: one for a full block, one for
+/// a short last block. A zero block is never stored as a chunk; restores
+/// write a hole (or zeros) and never fetch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZeroDigests {
+    full: BlockHash,
+    last: BlockHash,
+    last_index: u64,
+}
+
+impl ZeroDigests {
+    /// Hashes the two zero blocks of `geometry` (once; keep the result).
+    pub fn new(geometry: VolumeGeometry) -> ZeroDigests {
+        let last_index = geometry.block_count().saturating_sub(1);
+        ZeroDigests {
+            full: lifeboat_protocol::zero_hash(geometry.block_size.bytes()),
+            last: lifeboat_protocol::zero_hash(geometry.block_len(last_index) as usize),
+            last_index,
+        }
+    }
+
+    /// Whether block `index` with `digest` is all zeros.
+    pub fn is_zero(&self, index: u64, digest: &BlockHash) -> bool {
+        *digest
+            == if index == self.last_index {
+                self.last
+            } else {
+                self.full
+            }
+    }
+}
+
+/// A PIT chosen and resolved: what `launch` and `serve-pit` restore from.
+#[derive(Clone, Debug)]
+pub struct ResolvedPit {
+    /// The PIT as `pits` lists it.
+    pub summary: PitSummary,
+    /// The volume's geometry at that PIT.
+    pub geometry: VolumeGeometry,
+    /// The digest of every block, in block order.
+    pub digests: std::sync::Arc<[BlockHash]>,
+    /// The zero-block digests of `geometry`.
+    pub zero: ZeroDigests,
+}
+
+impl ResolvedPit {
+    /// Whether block `index` is all zeros (nothing to fetch). `false` past the
+    /// volume's end.
+    pub fn is_zero_block(&self, index: u64) -> bool {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.digests.get(i))
+            .is_some_and(|d| self.zero.is_zero(index, d))
+    }
+}
+
+/// Chooses a PIT of `server`/`volume` ([`list_pits`], [`pick_pit`]), loads its
+/// manifest and resolves the digest of every block ([`resolve`]). Fetches no
+/// chunk.
+pub async fn open_pit(
+    store: &Store,
+    server: &str,
+    volume: &str,
+    at: &At,
+) -> Result<ResolvedPit, PitError> {
+    let pits = list_pits(store, server, volume).await?;
+    let summary = pick_pit(&pits, at)?.clone();
+    let pit_ref = PitRef {
+        id: summary.id.parse().map_err(|_| PitError::UnknownPit {
+            id: summary.id.clone(),
+        })?,
+        epoch: summary.epoch,
+    };
+    let manifest = load_manifest(store, server, volume, &pit_ref).await?;
+    let digests = resolve(store, &manifest).await?;
+    let geometry = manifest.geometry;
+    Ok(ResolvedPit {
+        summary,
+        geometry,
+        digests: digests.into(),
+        zero: ZeroDigests::new(geometry),
+    })
 }
 
 /// Writes a manifest, create-only: the commit point of a PIT. Call it only

@@ -36,7 +36,7 @@
 //!   A client certificate cannot act as the receiver, nor the receiver's as a client,
 //!   because rustls/webpki enforce the EKUs.
 //!
-//! Certificates are backdated by one hour to tolerate clock skew between the
+//! Certificates are backdated by 30 days to tolerate clock skew between the
 //! receiver and its agents.
 //!
 //! # Revocation
@@ -79,7 +79,10 @@ pub const DEFAULT_SANS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 const CA_VALIDITY_DAYS: i64 = 3650;
 const LEAF_VALIDITY_DAYS: i64 = 1825;
-const BACKDATE: Duration = Duration::hours(1);
+/// How far back certificates are valid from: a source server whose clock is
+/// behind the receiver's (a bad NTP step, a VM restored from a snapshot) by
+/// up to this still accepts the receiver's certificate.
+const BACKDATE: Duration = Duration::days(30);
 
 /// Errors of the receiver's PKI.
 #[derive(Debug, thiserror::Error)]

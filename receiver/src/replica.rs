@@ -910,6 +910,21 @@ impl Replica {
         }
     }
 
+    /// Forgets the digests of `blocks` (found corrupt by `verify`): they
+    /// become unknown and the generation moves, so the agent fetches the
+    /// digests again at its next session and its next full pass resends
+    /// exactly those blocks. Returns the new generation.
+    pub fn forget_blocks(&mut self, blocks: &[u64]) -> Result<u64, ReplicaError> {
+        for &b in blocks {
+            if let Some(slot) = self.index.digests.get_mut(b as usize) {
+                *slot = BlockHash::UNKNOWN;
+            }
+        }
+        self.index.generation += 1;
+        self.commit_index()?;
+        Ok(self.index.generation)
+    }
+
     /// Writes the index durably and empties the journal. Refused after a failed
     /// apply (the journal must then be replayed by the next open).
     pub fn commit_index(&mut self) -> Result<(), ReplicaError> {
@@ -1045,6 +1060,63 @@ impl Replica {
             BlockHash::of(&buf)
         })
     }
+}
+
+/// What the receiver has acknowledged of a replica, read without changing
+/// anything (for `verify`, while `serve` may run): the index file plus the
+/// digests its journal records after it.
+#[derive(Debug)]
+pub struct Acknowledged {
+    /// The replica's geometry.
+    pub geometry: VolumeGeometry,
+    /// The acknowledged digest of every block.
+    pub digests: Vec<BlockHash>,
+    /// Blocks a journal intent names: their writes may be in progress or
+    /// partial, so their content is not checked against a digest.
+    pub uncertain: std::collections::BTreeSet<u64>,
+}
+
+/// Reads [`Acknowledged`] from `paths` (index and journal) read-only. A
+/// missing or corrupt index is an error naming the file (`serve` would
+/// rebuild it from the staging volume, which `verify` cannot check against).
+pub fn acknowledged_digests(paths: &ReplicaPaths) -> Result<Acknowledged, ReplicaError> {
+    let bytes = std::fs::read(&paths.index).map_err(|source| ReplicaError::Metadata {
+        what: "cannot read the hash index",
+        path: paths.index.clone(),
+        source,
+    })?;
+    let index = HashIndex::decode(&bytes).map_err(|e| ReplicaError::Metadata {
+        what: "the hash index is corrupt",
+        path: paths.index.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    let mut digests = index.digests.clone();
+    let mut uncertain = std::collections::BTreeSet::new();
+    match std::fs::read(&paths.journal) {
+        Ok(journal) if !journal.is_empty() => {
+            let replay = parse_journal(&journal, index.block_count());
+            for (i, d) in replay.digests {
+                if let Some(slot) = digests.get_mut(i as usize) {
+                    *slot = d;
+                }
+            }
+            uncertain.extend(replay.rehash);
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ReplicaError::Metadata {
+                what: "cannot read the journal",
+                path: paths.journal.clone(),
+                source,
+            })
+        }
+    }
+    Ok(Acknowledged {
+        geometry: index.geometry,
+        digests,
+        uncertain,
+    })
 }
 
 fn encode_epoch_record(

@@ -621,18 +621,25 @@ async fn handle_connection(receiver: Arc<Receiver>, conn: quinn::Connection) -> 
     drive_session(receiver, conn, server).instrument(span).await
 }
 
-/// The serial (hex) of the peer's verified certificate.
-fn peer_cert_serial(conn: &quinn::Connection) -> anyhow::Result<String> {
+/// The peer's verified end-entity certificate.
+fn peer_leaf(
+    conn: &quinn::Connection,
+) -> anyhow::Result<rustls_pki_types::CertificateDer<'static>> {
     let identity = conn
         .peer_identity()
         .context("peer presented no certificate")?;
     let certs = identity
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
-    let leaf = certs
+    certs
         .first()
-        .context("peer presented an empty certificate chain")?;
-    Ok(crate::pki::cert_serial_hex(leaf.as_ref())?)
+        .cloned()
+        .context("peer presented an empty certificate chain")
+}
+
+/// The serial (hex) of the peer's verified certificate.
+fn peer_cert_serial(conn: &quinn::Connection) -> anyhow::Result<String> {
+    Ok(crate::pki::cert_serial_hex(peer_leaf(conn)?.as_ref())?)
 }
 
 /// Every second: if the revocation list changed, closes the live connections
@@ -677,16 +684,7 @@ fn spawn_revocation_watch(receiver: &Arc<Receiver>) {
 }
 
 fn peer_server_name(conn: &quinn::Connection) -> anyhow::Result<ServerName> {
-    let identity = conn
-        .peer_identity()
-        .context("peer presented no certificate")?;
-    let certs = identity
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-        .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
-    let leaf = certs
-        .first()
-        .context("peer presented an empty certificate chain")?;
-    client_name_from_cert(leaf.as_ref())
+    client_name_from_cert(peer_leaf(conn)?.as_ref())
         .context("cannot take a server name from the peer certificate")
 }
 
@@ -1059,6 +1057,10 @@ async fn drive_session(
                         }
                         Some(Report::Failed(e)) => {
                             error!(volume = %volume_label, "{e:#}");
+                            if let Some(st) = &mut status {
+                                st.error(&format!("{e:#}"));
+                                write_status(st);
+                            }
                             if let Some((m, _)) = &metrics {
                                 m.apply_error();
                             }

@@ -170,6 +170,13 @@ pub struct VolumeStatus {
     pub updated_at: String,
     /// The same, in ms since the Unix epoch.
     pub updated_at_unix_ms: u64,
+    /// The last error that stopped replication of this volume here (e.g. the
+    /// staging filesystem full), until an epoch becomes durable again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it happened, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
 }
 
 impl VolumeStatus {
@@ -253,9 +260,41 @@ impl StatusRecorder {
                 staging: staging.display().to_string(),
                 updated_at: String::new(),
                 updated_at_unix_ms: 0,
+                // An error that ended an earlier session stays shown until
+                // replication works again.
+                last_error: None,
+                last_error_at: None,
             },
             dirty: true,
             last_write: None,
+        }
+        .keeping_error()
+    }
+
+    /// Carries over the error of the status file already at `path`.
+    fn keeping_error(mut self) -> StatusRecorder {
+        if let Some(old) = std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<VolumeStatus>(&b).ok())
+        {
+            self.status.last_error = old.last_error;
+            self.status.last_error_at = old.last_error_at;
+        }
+        self
+    }
+
+    /// Replication of the volume failed here: shown until an epoch is durable.
+    pub fn error(&mut self, message: &str) {
+        self.status.last_error = Some(message.to_string());
+        self.status.last_error_at = Some(rfc3339(unix_ms(SystemTime::now())));
+        self.dirty = true;
+    }
+
+    fn clear_error(&mut self) {
+        if self.status.last_error.is_some() {
+            self.status.last_error = None;
+            self.status.last_error_at = None;
+            self.dirty = true;
         }
     }
 
@@ -294,6 +333,7 @@ impl StatusRecorder {
 
     /// An epoch became durable. Without agent reports this ends the pass.
     pub fn epoch_durable(&mut self, epoch: u64) {
+        self.clear_error();
         self.status.epoch = self.status.epoch.max(epoch);
         if !self.status.reported_by_agent {
             self.status.state = VolumeState::Continuous;

@@ -727,6 +727,8 @@ mod tests {
             staging: "/s/x.img".into(),
             updated_at: rfc3339(1_700_000_000_000),
             updated_at_unix_ms: 1_700_000_000_000,
+            last_error: None,
+            last_error_at: None,
         }
     }
 

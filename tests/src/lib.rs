@@ -15,6 +15,9 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod nbd_client;
+pub mod proxy;
+
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, RngCore, SeedableRng};
@@ -578,9 +581,14 @@ impl Receiver {
 
     /// The staging volume of [`SERVER`]'s volume `name`.
     pub fn staging(&self, name: &str) -> PathBuf {
+        self.staging_of(SERVER, name)
+    }
+
+    /// The staging volume of `server`'s volume `name`.
+    pub fn staging_of(&self, server: &str, name: &str) -> PathBuf {
         self.dir
             .join("staging")
-            .join(SERVER)
+            .join(server)
             .join(format!("{name}.img"))
     }
 
@@ -1319,4 +1327,162 @@ pub fn recover_replica_copy<T>(
         .expect("open the copied replica as a restarted receiver would");
     let epoch = replica.durable_epoch();
     (paths, seen, epoch)
+}
+
+/// Rewrites the `receiver = "..."` line of a bundle file (e.g. to send an
+/// agent through a proxy, or nowhere).
+pub fn point_bundle_at(bundle: &Path, addr: &str) {
+    let text = std::fs::read_to_string(bundle).expect("read bundle");
+    assert!(text.lines().any(|l| l.starts_with("receiver = ")), "{text}");
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("receiver = ") {
+                format!("receiver = \"{addr}\"\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(bundle, edited).expect("write bundle");
+}
+
+/// A running `lifeboat-agent run --nbd-listen` serving one image file.
+pub struct NbdAgent {
+    running: Option<Running>,
+    url: String,
+}
+
+impl NbdAgent {
+    /// Serves on a free TCP port of 127.0.0.1.
+    pub fn start(rx: &Receiver, image: &Path, volume: &str, state: &Path) -> NbdAgent {
+        let port = free_tcp_port();
+        NbdAgent::start_on(
+            rx,
+            image,
+            volume,
+            state,
+            &format!("127.0.0.1:{port}"),
+            format!("nbd://127.0.0.1:{port}/{volume}"),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        )
+    }
+
+    /// Serves on `listen` (`--nbd-listen`); `url` is the export's URL for
+    /// qemu, `up` tells when it accepts connections.
+    pub fn start_on(
+        rx: &Receiver,
+        image: &Path,
+        volume: &str,
+        state: &Path,
+        listen: &str,
+        url: String,
+        up: impl Fn() -> bool,
+    ) -> NbdAgent {
+        let mut cmd = Command::new(&binaries().agent);
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(&rx.bundle)
+            .arg("--volume")
+            .arg(image)
+            .args(["--name", volume, "--state-dir"])
+            .arg(state)
+            .args(["--nbd-listen", listen]);
+        let mut running = Running::spawn_command(cmd);
+        let serving = poll(Duration::from_secs(30), || {
+            if running.has_exited() {
+                return true;
+            }
+            let ok = up();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        });
+        if !serving || running.has_exited() {
+            let out = running.kill();
+            panic!("the agent did not serve NBD on {listen}:\n{}", out.stderr);
+        }
+        NbdAgent {
+            running: Some(running),
+            url,
+        }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.running.as_ref().expect("running").id()
+    }
+
+    /// The export's URL for qemu.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Runs `qemu-io` with `commands` (then a flush) against the export;
+    /// the outcome, whether it worked or not.
+    pub fn try_qemu_io(&self, commands: &[String]) -> Outcome {
+        let mut args: Vec<String> = vec!["-f".into(), "raw".into(), self.url()];
+        for c in commands.iter().map(String::as_str).chain(["flush"]) {
+            args.push("-c".into());
+            args.push(c.into());
+        }
+        run(Path::new("qemu-io"), &args, Duration::from_secs(60))
+    }
+
+    /// Runs `qemu-io` with `commands` against the export (each run ends with
+    /// an explicit flush, and qemu-io flushes again as it closes).
+    pub fn qemu_io(&self, commands: &[String]) {
+        let out = self.try_qemu_io(commands);
+        assert!(
+            out.status.success() && !out.stdout.contains("failed"),
+            "qemu-io {commands:?} on {} failed:\n{}\n{}",
+            self.url,
+            out.stdout,
+            out.stderr
+        );
+    }
+
+    /// SIGTERM, then waits (bounded) for the agent to exit.
+    pub fn stop(mut self) -> Outcome {
+        let running = self.running.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(running.id().to_string())
+            .status();
+        running.wait(Duration::from_secs(60))
+    }
+
+    /// `kill -9`.
+    pub fn kill(mut self) -> Outcome {
+        self.running.take().expect("running").kill()
+    }
+}
+
+impl Drop for NbdAgent {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            let _ = r.kill();
+        }
+    }
+}
+
+/// Creates (or truncates) `path` as a sparse file of `mib` MiB of zeros.
+pub fn sparse_image(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(mib << 20).expect("size image");
+}
+
+/// `qemu-img compare` of two raw images (files or NBD URLs): whether they
+/// are identical, and what it printed.
+pub fn qemu_img_compare(a: &str, b: &str) -> (bool, String) {
+    let out = run(
+        Path::new("qemu-img"),
+        ["compare", "-f", "raw", "-F", "raw", a, b],
+        Duration::from_secs(120),
+    );
+    (
+        out.status.success(),
+        format!("{}{}", out.stdout, out.stderr),
+    )
 }

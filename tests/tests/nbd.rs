@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    binaries, file_digest, free_tcp_port, poll, recover_replica_copy, run, skip, Outcome, Receiver,
-    Running,
+    binaries, file_digest, poll, qemu_img_compare as compare, recover_replica_copy, run, skip,
+    sparse_image, NbdAgent, Receiver,
 };
 
 const VOLUME: &str = "vm1";
@@ -37,127 +37,6 @@ fn qemu_missing() -> Option<String> {
         }
     }
     None
-}
-
-/// A running `lifeboat-agent run --nbd-listen` serving `image` as [`VOLUME`].
-struct NbdAgent {
-    running: Option<Running>,
-    url: String,
-}
-
-impl NbdAgent {
-    /// Serves on a free TCP port of 127.0.0.1.
-    fn start(rx: &Receiver, image: &Path, state: &Path) -> NbdAgent {
-        let port = free_tcp_port();
-        NbdAgent::start_on(
-            rx,
-            image,
-            state,
-            &format!("127.0.0.1:{port}"),
-            format!("nbd://127.0.0.1:{port}/{VOLUME}"),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-        )
-    }
-
-    /// Serves on `listen` (`--nbd-listen`); `url` is the export's URL for
-    /// qemu, `up` tells when it accepts connections.
-    fn start_on(
-        rx: &Receiver,
-        image: &Path,
-        state: &Path,
-        listen: &str,
-        url: String,
-        up: impl Fn() -> bool,
-    ) -> NbdAgent {
-        let mut cmd = Command::new(&binaries().agent);
-        cmd.arg("run")
-            .arg("--bundle")
-            .arg(&rx.bundle)
-            .arg("--volume")
-            .arg(image)
-            .args(["--name", VOLUME, "--state-dir"])
-            .arg(state)
-            .args(["--nbd-listen", listen]);
-        let mut running = Running::spawn_command(cmd);
-        let serving = poll(Duration::from_secs(30), || {
-            if running.has_exited() {
-                return true;
-            }
-            let ok = up();
-            if !ok {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            ok
-        });
-        if !serving || running.has_exited() {
-            let out = running.kill();
-            panic!("the agent did not serve NBD on {listen}:\n{}", out.stderr);
-        }
-        NbdAgent {
-            running: Some(running),
-            url,
-        }
-    }
-
-    fn url(&self) -> String {
-        self.url.clone()
-    }
-
-    /// Runs `qemu-io` with `commands` against the export (each run ends with
-    /// an explicit flush, and qemu-io flushes again as it closes).
-    fn qemu_io(&self, commands: &[String]) {
-        let mut args: Vec<String> = vec!["-f".into(), "raw".into(), self.url()];
-        for c in commands.iter().map(String::as_str).chain(["flush"]) {
-            args.push("-c".into());
-            args.push(c.into());
-        }
-        let out = run(Path::new("qemu-io"), &args, Duration::from_secs(60));
-        assert!(
-            out.status.success() && !out.stdout.contains("failed"),
-            "qemu-io {args:?} failed:\n{}\n{}",
-            out.stdout,
-            out.stderr
-        );
-    }
-
-    fn stop(mut self) -> Outcome {
-        let running = self.running.take().expect("running");
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(running.id().to_string())
-            .status();
-        running.wait(Duration::from_secs(60))
-    }
-
-    fn kill(mut self) -> Outcome {
-        self.running.take().expect("running").kill()
-    }
-}
-
-impl Drop for NbdAgent {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            let _ = r.kill();
-        }
-    }
-}
-
-fn make_image(path: &Path, mib: u64) {
-    let f = std::fs::File::create(path).expect("create image");
-    f.set_len(mib << 20).expect("size image");
-}
-
-/// `qemu-img compare` of two raw images (files or NBD URLs); whether identical.
-fn compare(a: &str, b: &str) -> (bool, String) {
-    let out = run(
-        Path::new("qemu-img"),
-        ["compare", "-f", "raw", "-F", "raw", a, b],
-        Duration::from_secs(120),
-    );
-    (
-        out.status.success(),
-        format!("{}{}", out.stdout, out.stderr),
-    )
 }
 
 fn s(p: &Path) -> &str {
@@ -193,7 +72,7 @@ fn wait_identical(rx: &Receiver, image: &Path, agent: &NbdAgent, timeout: Durati
         "staging never caught up with the image within {timeout:?}: {last}\nstatus: {:?}\nreceiver log:\n{}\nagent serving {}",
         status_row(rx),
         rx.log(),
-        agent.url
+        agent.url()
     );
     let (same, text) = compare(s(image), s(&staging));
     assert!(same, "qemu-img compare: {text}");
@@ -208,8 +87,8 @@ fn qemu_writes_through_the_export_replicate_exactly() {
     }
     let rx = Receiver::start();
     let image = rx.image_path("vm1");
-    make_image(&image, 32);
-    let agent = NbdAgent::start(&rx, &image, &rx.agent_state("vm1"));
+    sparse_image(&image, 32);
+    let agent = NbdAgent::start(&rx, &image, VOLUME, &rx.agent_state("vm1"));
     let ok = poll(Duration::from_secs(60), || {
         let row = status_row(&rx);
         let done = row
@@ -315,8 +194,8 @@ fn receiver_killed_between_flushes_keeps_the_image_of_one_flush() {
     }
     let mut rx = Receiver::start();
     let image = rx.image_path("vm1");
-    make_image(&image, 24);
-    let agent = NbdAgent::start(&rx, &image, &rx.agent_state("vm1"));
+    sparse_image(&image, 24);
+    let agent = NbdAgent::start(&rx, &image, VOLUME, &rx.agent_state("vm1"));
     // The image at each FLUSH (qemu-io is the only writer, so the image after
     // a run is the image at its last FLUSH).
     let mut states = vec![file_digest(&image)];
@@ -385,11 +264,12 @@ fn serves_on_a_unix_socket() {
     }
     let rx = Receiver::start();
     let image = rx.image_path("vm1");
-    make_image(&image, 8);
+    sparse_image(&image, 8);
     let socket = rx.tmp.path().join("nbd.sock");
     let agent = NbdAgent::start_on(
         &rx,
         &image,
+        VOLUME,
         &rx.agent_state("vm1"),
         &format!("unix:{}", socket.display()),
         format!("nbd+unix:///{VOLUME}?socket={}", socket.display()),
@@ -409,7 +289,7 @@ fn serves_on_a_unix_socket() {
 fn bad_nbd_listen_is_refused() {
     let rx = Receiver::init_only();
     let image = rx.image_path("vm1");
-    make_image(&image, 1);
+    sparse_image(&image, 1);
     for (value, needle) in [
         ("localhost", "neither HOST:PORT"),
         ("unix:", "needs a socket path"),
@@ -453,5 +333,4 @@ fn bad_nbd_listen_is_refused() {
     );
     let err = out.expect_failure();
     assert!(err.contains("/dev/null"), "{err}");
-    let _ = NbdAgent::kill;
 }

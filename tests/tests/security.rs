@@ -14,25 +14,9 @@ use lifeboat_protocol::hash::BlockHash;
 use lifeboat_protocol::session::{AgentEvent, AgentSession};
 use lifeboat_protocol::{BlockSize, Bundle, Encoding, VolumeGeometry, VolumeName};
 use lifeboat_tests::{
-    assert_identical, field_u64, free_udp_port, run_sync, write_mixed_image, Receiver, BLOCK,
+    assert_identical, field_u64, free_udp_port, point_bundle_at, run_sync, write_mixed_image,
+    Receiver, BLOCK,
 };
-
-/// Rewrites the `receiver = "..."` line of a bundle file.
-fn point_bundle_at(bundle: &Path, addr: &str) {
-    let text = std::fs::read_to_string(bundle).expect("read bundle");
-    assert!(text.lines().any(|l| l.starts_with("receiver = ")), "{text}");
-    let edited: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("receiver = ") {
-                format!("receiver = \"{addr}\"\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(bundle, edited).expect("write bundle");
-}
 
 fn load_bundle(path: &Path) -> Bundle {
     Bundle::from_toml(&std::fs::read_to_string(path).expect("read bundle")).expect("parse bundle")
@@ -299,11 +283,8 @@ impl Control {
     }
 }
 
-async fn handshake(
-    conn: &quinn::Connection,
-    volume: &str,
-    geometry: VolumeGeometry,
-) -> (Control, u64) {
+/// Opens the control stream and sends a Hello for `volume` of `geometry`.
+async fn open_control(conn: &quinn::Connection, volume: &str, geometry: VolumeGeometry) -> Control {
     let (send, recv) = conn.open_bi().await.expect("open control stream");
     let hello = Hello {
         min_version: MIN_PROTOCOL_VERSION,
@@ -321,6 +302,15 @@ async fn handshake(
         session: AgentSession::new(hello, std::time::Instant::now()),
     };
     c.flush().await;
+    c
+}
+
+async fn handshake(
+    conn: &quinn::Connection,
+    volume: &str,
+    geometry: VolumeGeometry,
+) -> (Control, u64) {
+    let mut c = open_control(conn, volume, geometry).await;
     match c.next_event().await {
         AgentEvent::Established(w) => {
             assert_eq!(w.geometry, geometry);
@@ -640,23 +630,7 @@ async fn limits_refuse_one_peer_without_harming_others() {
     // An absurd volume size is refused by a storage error, not a crash.
     if let Ok(huge) = VolumeGeometry::new(1 << 60, BlockSize::DEFAULT) {
         let (_ep, conn) = connect(&load_bundle(&other), &rx.addr).await;
-        let (send, recv) = conn.open_bi().await.expect("open control stream");
-        let hello = Hello {
-            min_version: MIN_PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            agent_version: "e2e-test".into(),
-            volume: VolumeName::new("huge").expect("volume name"),
-            geometry: huge,
-            digest_algorithm: 1,
-            flags: 0,
-        };
-        let mut c = Control {
-            send,
-            recv,
-            decoder: FrameDecoder::new(),
-            session: AgentSession::new(hello, std::time::Instant::now()),
-        };
-        c.flush().await;
+        let mut c = open_control(&conn, "huge", huge).await;
         match c.next_event().await {
             AgentEvent::Rejected { .. } => {}
             other => panic!("an exabyte volume was not refused: {other:?}"),
