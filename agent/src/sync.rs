@@ -495,22 +495,50 @@ impl Replicator {
             let stop = stop.clone();
             let scan_opts = self.opts.scan.clone();
             match producer {
-                Producer::FullScan | Producer::FrozenFull(_) => {
-                    let reference = self.index.digests.clone();
-                    let reader: Arc<dyn crate::scan::ReadBlocks> = match producer {
-                        Producer::FrozenFull(view) => view,
-                        _ => volume,
+                // Where the blocks are read (the volume or a frozen view),
+                // and which: all of them or a list.
+                Producer::FullScan
+                | Producer::FrozenFull(_)
+                | Producer::Frozen { .. }
+                | Producer::Blocks(_) => {
+                    use crate::scan::ReadBlocks;
+                    let (reader, listed): (Arc<dyn ReadBlocks>, Option<Vec<u64>>) = match producer {
+                        Producer::FrozenFull(view) => (view, None),
+                        Producer::Frozen { view, blocks } => (view, Some(blocks)),
+                        Producer::Blocks(blocks) => (volume, Some(blocks)),
+                        Producer::FullScan | Producer::Prepared(_) => (volume, None),
+                    };
+                    enum Reference {
+                        /// Every block's digest, for a full pass.
+                        All(Vec<BlockHash>),
+                        /// The listed blocks with their digests.
+                        Listed(Vec<(u64, BlockHash)>),
+                    }
+                    let reference = match &listed {
+                        None => Reference::All(self.index.digests.clone()),
+                        Some(blocks) => Reference::Listed(self.with_reference(blocks)),
                     };
                     tokio::task::spawn_blocking(move || {
-                        let r = scan_volume(
-                            &*reader,
-                            geometry,
-                            &reference,
-                            &scan_opts,
-                            &stats,
-                            &stop,
-                            &changed_tx,
-                        );
+                        let r = match &reference {
+                            Reference::All(all) => scan_volume(
+                                &*reader,
+                                geometry,
+                                all,
+                                &scan_opts,
+                                &stats,
+                                &stop,
+                                &changed_tx,
+                            ),
+                            Reference::Listed(wanted) => scan_blocks(
+                                &*reader,
+                                geometry,
+                                wanted,
+                                &scan_opts,
+                                &stats,
+                                &stop,
+                                &changed_tx,
+                            ),
+                        };
                         // Flagged before the channel closes, so the driver
                         // never takes a failed read for the end of the scan.
                         failed.store(r.is_err(), Ordering::SeqCst);
@@ -529,29 +557,6 @@ impl Replicator {
                     }
                     Ok(())
                 }),
-                Producer::Frozen { .. } | Producer::Blocks(_) => {
-                    let (reader, blocks): (Arc<dyn crate::scan::ReadBlocks>, Vec<u64>) =
-                        match producer {
-                            Producer::Frozen { view, blocks } => (view, blocks),
-                            Producer::Blocks(blocks) => (volume, blocks),
-                            _ => unreachable!("matched above"),
-                        };
-                    let wanted = self.with_reference(&blocks);
-                    tokio::task::spawn_blocking(move || {
-                        let r = scan_blocks(
-                            &*reader,
-                            geometry,
-                            &wanted,
-                            &scan_opts,
-                            &stats,
-                            &stop,
-                            &changed_tx,
-                        );
-                        failed.store(r.is_err(), Ordering::SeqCst);
-                        drop(changed_tx);
-                        r
-                    })
-                }
             }
         };
         let progress = show_progress.then(|| {
