@@ -13,17 +13,21 @@
 #      itself);
 #   3. agent: run --nbd-listen 127.0.0.1:P --metrics-listen 127.0.0.1:M
 #      (waits for the initial sync: CONTINUOUS);
-#   4. ROUNDS times, alternating which goes first:
-#        direct: qemu-img bench -w -t writeback -f raw -s 65536 -c COUNT -d DEPTH
-#                --flush-interval=FLUSH direct.img
-#        nbd:    the same against nbd://127.0.0.1:P/vm1
+#   4. ROUNDS times, rotating which goes first:
+#        direct:   qemu-img bench -w -t writeback -f raw -s 65536 -c COUNT
+#                  -d DEPTH --flush-interval=FLUSH direct.img
+#        nbd:      the same against nbd://127.0.0.1:P/vm1 (the agent)
+#        qemu-nbd: the same against qemu-nbd serving plain.img on 127.0.0.1
+#                  (an NBD server with no replication: what the transport
+#                  alone costs on this machine)
 #      Each writes COUNT x 64 KiB sequentially from offset 0, with a FLUSH
 #      every FLUSH requests (each FLUSH closes a replication epoch) and at
 #      the end. While the nbd run goes, and until the lag is back to 0, a
 #      sampler reads lifeboat_replication_lag_seconds every 100 ms;
 #   5. checks the staging volume equals served.img (qemu-img compare);
-#   6. prints each run, the throughput ratio nbd / direct of the medians and
-#      the lag percentiles over all samples.
+#   6. prints each run, the throughput ratios of the medians (nbd / direct,
+#      qemu-nbd / direct, nbd / qemu-nbd) and the lag percentiles over all
+#      samples.
 #
 #   ./scripts/bench-nbd.sh
 #   SIZE_MIB=4096 COUNT=32768 ROUNDS=5 ./scripts/bench-nbd.sh
@@ -36,7 +40,7 @@ DEPTH=${DEPTH:-16}
 FLUSH=${FLUSH:-256}
 ROUNDS=${ROUNDS:-3}
 
-for tool in python3 qemu-img; do
+for tool in python3 qemu-img qemu-nbd; do
     command -v "$tool" >/dev/null || { echo "bench-nbd.sh needs $tool" >&2; exit 1; }
 done
 if [ $((COUNT * 64)) -gt $((SIZE_MIB * 1024)) ]; then
@@ -57,6 +61,7 @@ RECEIVER="$ROOT/target/release/lifeboat-receiver"
 D="$WORK/receiver"
 SERVED="$WORK/served.img"
 DIRECT="$WORK/direct.img"
+PLAIN="$WORK/plain.img"
 PIDS=()
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -94,7 +99,7 @@ else
         -p lifeboat-agent -p lifeboat-receiver
 fi
 
-step "receiver and agent on 127.0.0.1; two sparse ${SIZE_MIB} MiB images"
+step "receiver and agent on 127.0.0.1; three sparse ${SIZE_MIB} MiB images"
 RX_PORT=$(free_port SOCK_DGRAM)
 NBD_PORT=$(free_port SOCK_STREAM)
 METRICS_PORT=$(free_port SOCK_STREAM)
@@ -103,7 +108,11 @@ printf 'metrics_listen = "off"\n' | cat - "$D/receiver.toml" >"$D/r.toml" && mv 
 "$RECEIVER" enroll --dir "$D" --server web-1 --out "$WORK/web-1.bundle" >/dev/null
 "$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 PIDS+=($!)
-truncate -s "${SIZE_MIB}M" "$SERVED" "$DIRECT"
+truncate -s "${SIZE_MIB}M" "$SERVED" "$DIRECT" "$PLAIN"
+QEMU_NBD_PORT=$(free_port SOCK_STREAM)
+qemu-nbd -f raw -x vm1 -b 127.0.0.1 -p "$QEMU_NBD_PORT" --cache=writeback -t "$PLAIN" \
+    2>"$WORK/qemu-nbd.log" &
+PIDS+=($!)
 "$AGENT" run --bundle "$WORK/web-1.bundle" --volume "$SERVED" --name vm1 \
     --state-dir "$WORK/agent-state" --nbd-listen "127.0.0.1:$NBD_PORT" \
     --metrics-listen "127.0.0.1:$METRICS_PORT" >"$WORK/agent.out" 2>"$WORK/agent.log" &
@@ -165,15 +174,20 @@ PY
 step "timing $ROUNDS rounds of $COUNT x 64 KiB writes, depth $DEPTH, a FLUSH every $FLUSH (load average before: $(cut -d' ' -f1-3 /proc/loadavg))"
 DIRECT_TIMES=()
 NBD_TIMES=()
+QEMU_TIMES=()
 for r in $(seq 1 "$ROUNDS"); do
-    if [ $((r % 2)) = 1 ]; then order="direct nbd"; else order="nbd direct"; fi
+    case $((r % 3)) in
+        1) order="direct nbd qemu-nbd" ;;
+        2) order="nbd qemu-nbd direct" ;;
+        *) order="qemu-nbd direct nbd" ;;
+    esac
     for which in $order; do
-        if [ "$which" = direct ]; then
-            t=$(bench "$DIRECT"); DIRECT_TIMES+=("$t")
-        else
-            t=$(run_nbd); NBD_TIMES+=("$t")
-        fi
-        printf 'round %d %-6s %8s s  %7.1f MiB/s\n' "$r" "$which" "$t" \
+        case $which in
+            direct) t=$(bench "$DIRECT"); DIRECT_TIMES+=("$t") ;;
+            nbd) t=$(run_nbd); NBD_TIMES+=("$t") ;;
+            qemu-nbd) t=$(bench "nbd://127.0.0.1:$QEMU_NBD_PORT/vm1"); QEMU_TIMES+=("$t") ;;
+        esac
+        printf 'round %d %-8s %8s s  %7.1f MiB/s\n' "$r" "$which" "$t" \
             "$(python3 -c "print($COUNT * 64 / 1024 / $t)")"
     done
 done
@@ -182,16 +196,20 @@ step "checking the staging volume"
 qemu-img compare -f raw -F raw "$SERVED" "$D/staging/web-1/vm1.img"
 
 step "results"
-python3 - "$COUNT" "$SAMPLES" "${DIRECT_TIMES[*]}" "${NBD_TIMES[*]}" <<'PY'
+python3 - "$COUNT" "$SAMPLES" "${DIRECT_TIMES[*]}" "${NBD_TIMES[*]}" "${QEMU_TIMES[*]}" <<'PY'
 import statistics, sys
 count, samples = int(sys.argv[1]), sys.argv[2]
 direct = [float(x) for x in sys.argv[3].split()]
 nbd = [float(x) for x in sys.argv[4].split()]
+qemu = [float(x) for x in sys.argv[5].split()]
 mib = count * 64 / 1024
-md, mn = statistics.median(direct), statistics.median(nbd)
-print(f"direct: median {md:.3f} s = {mib / md:.1f} MiB/s   runs {direct}")
-print(f"nbd:    median {mn:.3f} s = {mib / mn:.1f} MiB/s   runs {nbd}")
+md, mn, mq = statistics.median(direct), statistics.median(nbd), statistics.median(qemu)
+print(f"direct:   median {md:.3f} s = {mib / md:.1f} MiB/s   runs {direct}")
+print(f"nbd:      median {mn:.3f} s = {mib / mn:.1f} MiB/s   runs {nbd}")
+print(f"qemu-nbd: median {mq:.3f} s = {mib / mq:.1f} MiB/s   runs {qemu}")
 print(f"throughput ratio nbd / direct: {md / mn:.2f}  (goal >= 0.7)")
+print(f"throughput ratio qemu-nbd / direct: {md / mq:.2f}  (plain NBD, no replication)")
+print(f"throughput ratio nbd / qemu-nbd: {mq / mn:.2f}")
 lags = sorted(float(x) for x in open(samples) if x.strip())
 if lags:
     def pct(p):

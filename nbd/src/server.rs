@@ -68,8 +68,12 @@ impl Default for ServerConfig {
     }
 }
 
-/// Bytes read from the client between two syscalls at most.
-const READ_BUFFER: usize = 64 * 1024;
+/// The connection's read buffer. Request headers are read through it; a
+/// write payload at least this long goes past it, straight from the socket
+/// into the payload's own buffer (tokio's `BufReader` does that for a read
+/// into an empty buffer that is at least as long as its own), so the bulk of
+/// the data is copied once. Small, then: a few hundred request headers.
+const READ_BUFFER: usize = 8 * 1024;
 
 /// Serves one NBD session over `stream` until the client leaves.
 ///
@@ -178,6 +182,25 @@ async fn read_exact<R: AsyncRead + Unpin>(
     } else {
         Err(NbdError::Truncated { during })
     }
+}
+
+/// Reads a write's payload of `len` bytes into a buffer of its own (not
+/// zeroed first: every byte is read into it).
+async fn read_payload<R: AsyncRead + Unpin>(conn: &mut R, len: usize) -> Result<Bytes, NbdError> {
+    let during = "write payload";
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        let n = (&mut *conn)
+            .take(want)
+            .read_buf(&mut payload)
+            .await
+            .map_err(|source| NbdError::Io { during, source })?;
+        if n == 0 {
+            return Err(NbdError::Truncated { during });
+        }
+    }
+    Ok(payload.freeze())
 }
 
 /// Reads and drops `len` bytes without holding more than the copy buffer.
@@ -300,6 +323,42 @@ where
     })
 }
 
+/// Sends the reply of `first` and of every other request that has finished
+/// by then, with one write for the headers that come without data.
+async fn reply_finished<W, F>(
+    conn: &mut W,
+    first: Done,
+    in_flight: &mut futures::stream::FuturesUnordered<F>,
+) -> Result<(), NbdError>
+where
+    W: AsyncWrite + Unpin,
+    F: std::future::Future<Output = Done>,
+{
+    use futures::{FutureExt, StreamExt};
+    let during = "sending a reply";
+    let mut out = BytesMut::with_capacity(proto::SIMPLE_REPLY_LEN * MAX_IN_FLIGHT);
+    let mut next = Some(first);
+    while let Some((handle, error, data)) = next {
+        proto::encode_simple_reply(&mut out, error, handle);
+        if let Some(data) = &data {
+            conn.write_all(&out)
+                .await
+                .map_err(|source| NbdError::Io { during, source })?;
+            out.clear();
+            conn.write_all(data)
+                .await
+                .map_err(|source| NbdError::Io { during, source })?;
+        }
+        next = in_flight.next().now_or_never().flatten();
+    }
+    conn.write_all(&out)
+        .await
+        .map_err(|source| NbdError::Io { during, source })?;
+    conn.flush()
+        .await
+        .map_err(|source| NbdError::Io { during, source })
+}
+
 async fn reply<W: AsyncWrite + Unpin>(
     conn: &mut W,
     handle: u64,
@@ -396,9 +455,8 @@ async fn next_request<R: AsyncRead + Unpin>(
             }
             Admission::Write { length, .. } => {
                 // `length` is bounded by `max_payload` in `admit_request`.
-                let mut payload = BytesMut::zeroed(length as usize);
-                read_exact(&mut conn, &mut payload, "write payload").await?;
-                Incoming::Run(handle, admission, Some(payload.freeze()))
+                let payload = read_payload(&mut conn, length as usize).await?;
+                Incoming::Run(handle, admission, Some(payload))
             }
             other => Incoming::Run(handle, other, None),
         })
@@ -519,8 +577,7 @@ where
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (handle, error, data): Done = done;
-                reply(&mut writer, handle, error, data.as_ref()).await?;
+                reply_finished(&mut writer, done, &mut in_flight).await?;
             }
             () = shutdown.cancelled() => {
                 info!("shutting down between requests");
