@@ -96,7 +96,10 @@ enum Command {
     /// Check by BLAKE3 digest that the staging volume (or, with --pit, a
     /// PIT's chunks in the store) holds what the receiver acknowledged, and
     /// name every block that does not. Reads only; safe while `serve` runs.
-    /// Exit status 0: all match; 2: mismatches found; 1: could not check.
+    /// Exit status 0: all match; 2: mismatches found; 1: could not check
+    /// (a missing or corrupt index, a manifest that does not resolve, or a
+    /// journal damaged before its end — named with the byte offset, as
+    /// `serve` then re-hashes the staging volume when it next opens it).
     Verify(VerifyArgs),
 }
 

@@ -7,7 +7,10 @@
 //!   block whose write a journal intent says may be in progress is counted
 //!   as unchecked. Mismatches are read again once (after re-reading the
 //!   acknowledged digests) so a block applied during the check is not
-//!   reported.
+//!   reported. A journal damaged before its end (not a torn last record)
+//!   makes the check impossible — the digests recorded after the damage are
+//!   unknown — and is an error naming the file and the byte offset
+//!   ([`ReplicaError::JournalDamaged`]).
 //! - A PIT (`--pit`): its manifest chain is resolved (checksummed) and every
 //!   distinct chunk it needs is fetched and its digest checked; missing and
 //!   corrupt chunks are reported with the blocks that use them.
