@@ -264,6 +264,8 @@ pub struct ReplicaPaths {
     pub epoch_journal: PathBuf,
     /// The status file `lifeboat-receiver status` reads.
     pub status: PathBuf,
+    /// A pending repair request of `verify --repair` (see [`request_repair`]).
+    pub repair: PathBuf,
 }
 
 impl ReplicaPaths {
@@ -276,8 +278,47 @@ impl ReplicaPaths {
             journal: state.join(format!("{}.journal", volume.as_str())),
             epoch_journal: state.join(format!("{}.epoch", volume.as_str())),
             status: state.join(format!("{}.status.json", volume.as_str())),
+            repair: state.join(format!("{}.repair", volume.as_str())),
         }
     }
+
+    /// A repair request being applied (claimed by renaming the request).
+    pub fn repair_taken(&self) -> PathBuf {
+        let mut p = self.repair.clone().into_os_string();
+        p.push(".taken");
+        PathBuf::from(p)
+    }
+}
+
+/// What `verify --repair` asks of the replica: forget these blocks' digests
+/// (see [`Replica::forget_blocks`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepairRequest {
+    /// Block indexes, ascending.
+    pub blocks: Vec<u64>,
+}
+
+/// Asks for `blocks` to be repaired: adds them to the replica's pending
+/// request file (`state/<server>/<volume>.repair`, written atomically). The
+/// holder of the replica applies it — a running `serve` within a second if
+/// a session has the volume open, else whoever opens the replica next
+/// ([`Replica::open`] applies a pending request).
+pub fn request_repair(paths: &ReplicaPaths, blocks: &[u64]) -> std::io::Result<()> {
+    let mut all: std::collections::BTreeSet<u64> = blocks.iter().copied().collect();
+    match std::fs::read(&paths.repair) {
+        Ok(bytes) => {
+            if let Ok(old) = serde_json::from_slice::<RepairRequest>(&bytes) {
+                all.extend(old.blocks);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fsutil::with_path(&paths.repair, e)),
+    }
+    let req = RepairRequest {
+        blocks: all.into_iter().collect(),
+    };
+    let json = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
+    fsutil::write_atomic(&paths.repair, &json, 0o600)
 }
 
 /// Where a staged block's bytes are in the epoch journal.
@@ -500,6 +541,10 @@ impl Replica {
             }
         }
         replica.recover_epoch_journal()?;
+        // A claimed request left by a crash, then a pending one.
+        for _ in 0..2 {
+            replica.apply_repair_request()?;
+        }
         Ok(replica)
     }
 
@@ -1020,6 +1065,53 @@ impl Replica {
         self.index.generation += 1;
         self.commit_index()?;
         Ok(self.index.generation)
+    }
+
+    /// Applies a pending repair request of `verify --repair`, if any (see
+    /// [`request_repair`]): the request is claimed by renaming it (so a
+    /// newer one written meanwhile is not lost), its blocks are forgotten
+    /// durably, then the claimed file is removed. A claimed file left by a
+    /// crash is applied first. Returns the blocks forgotten and the new
+    /// generation, or `None` if nothing was pending.
+    pub fn apply_repair_request(&mut self) -> Result<Option<(usize, u64)>, ReplicaError> {
+        let taken = self.paths.repair_taken();
+        let meta_err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReplicaError::Metadata { what, path, source }
+        };
+        if !taken.exists() {
+            match std::fs::rename(&self.paths.repair, &taken) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(meta_err(
+                        "cannot claim the repair request",
+                        &self.paths.repair,
+                    )(e))
+                }
+            }
+        }
+        let bytes =
+            std::fs::read(&taken).map_err(meta_err("cannot read the repair request", &taken))?;
+        let blocks = match serde_json::from_slice::<RepairRequest>(&bytes) {
+            Ok(req) => req.blocks,
+            Err(e) => {
+                warn!(path = %taken.display(), "ignoring an unreadable repair request: {e}");
+                Vec::new()
+            }
+        };
+        let generation = if blocks.is_empty() {
+            self.index.generation
+        } else {
+            self.forget_blocks(&blocks)?
+        };
+        std::fs::remove_file(&taken)
+            .map_err(meta_err("cannot remove the repair request", &taken))?;
+        info!(
+            server = %self.server, volume = %self.volume, blocks = blocks.len(), generation,
+            "applied a repair request of verify: the blocks' digests are forgotten, so the agent resends them"
+        );
+        Ok(Some((blocks.len(), generation)))
     }
 
     /// Writes the index durably and empties the journal. Refused after a failed
@@ -2382,6 +2474,38 @@ mod tests {
         assert!(r.rehashed_at_open());
         assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
         assert_eq!(r.durable_epoch(), 1);
+    }
+
+    #[test]
+    fn a_pending_repair_request_is_applied_at_open_and_by_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let r = seeded(&paths, g);
+        let gen = r.generation();
+        drop(r);
+        // Two requests merge; open applies them.
+        request_repair(&paths, &[2]).unwrap();
+        request_repair(&paths, &[1, 99]).unwrap();
+        let pending: RepairRequest =
+            serde_json::from_slice(&std::fs::read(&paths.repair).unwrap()).unwrap();
+        assert_eq!(pending.blocks, vec![1, 2, 99]);
+        let mut r = open(&paths, g, false).unwrap();
+        assert_eq!(r.digests(1, 2), vec![BlockHash::UNKNOWN; 2]);
+        assert_eq!(r.digests(3, 1), vec![zero_hash(4096)]);
+        assert!(r.generation() > gen);
+        assert!(!paths.repair.exists() && !paths.repair_taken().exists());
+        // While open: the holder applies a request when asked; a claimed
+        // request left by a crash is applied too.
+        assert_eq!(r.apply_repair_request().unwrap(), None);
+        r.apply(&[block(1, 1, 4096)]).unwrap();
+        std::fs::write(paths.repair_taken(), br#"{"blocks":[1]}"#).unwrap();
+        request_repair(&paths, &[3]).unwrap();
+        let gen = r.generation();
+        assert_eq!(r.apply_repair_request().unwrap(), Some((1, gen + 1)));
+        assert_eq!(r.digests(1, 1), vec![BlockHash::UNKNOWN]);
+        assert_eq!(r.apply_repair_request().unwrap(), Some((1, gen + 2)));
+        assert_eq!(r.digests(3, 1), vec![BlockHash::UNKNOWN]);
+        assert_eq!(r.apply_repair_request().unwrap(), None);
     }
 
     #[test]

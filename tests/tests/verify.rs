@@ -5,10 +5,14 @@
 //! checked; a clean replica and PIT verify with status 0, also while `serve`
 //! runs. A flipped byte in an early record of the receiver's journal is
 //! named (file and offset) by `verify`, and a restarted `serve` re-hashes
-//! the staging volume so a continuous agent converges.
+//! the staging volume so a continuous agent converges. `verify --repair`
+//! while `serve` and a continuous agent run hands the blocks to `serve`,
+//! which ends the agent's session; the agent resends just those blocks.
 //!
 //! Every wait is bounded.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,18 +101,14 @@ fn verify_names_corrupt_blocks_and_files() {
         "{}",
         text.stdout
     );
-    // Repair: refused while serve holds the replica; with serve stopped the
-    // block is marked, and the next sync resends exactly that block.
-    let out = rx.command(&[
-        "verify", "--server", "web-1", "--volume", "data", "--repair",
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("serve"), "{}", out.stderr);
+    // Repair with serve stopped: verify marks the block itself (exit 0: the
+    // mismatch is dealt with), and the next sync resends exactly that block.
+    // (With serve running, see verify_repair_while_serve_runs.)
     rx.kill9();
     let out = rx.command(&[
         "verify", "--server", "web-1", "--volume", "data", "--repair",
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     assert!(
         out.stderr.contains("marked 1 blocks for resync"),
         "{}",
@@ -293,6 +293,131 @@ fn a_damaged_journal_is_named_and_serve_recovers_from_it() {
     println!(
         "damaged journal: {} records, flipped record at byte {offset}; {:.1} s",
         records.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The receiver's `/metrics` text (serve writes its address to `D/http.addr`).
+fn receiver_metrics(rx: &Receiver) -> String {
+    let addr: SocketAddr = std::fs::read_to_string(rx.dir.join("http.addr"))
+        .expect("serve wrote no http.addr")
+        .trim()
+        .parse()
+        .expect("http.addr holds an address");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.take(16 << 20).read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Volume "data"'s sample of counter `name` in a metrics text.
+fn counter(text: &str, name: &str) -> f64 {
+    let prefix = format!(
+        "{name}{{server=\"{}\",volume=\"data\"}} ",
+        lifeboat_tests::SERVER
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn verify_repair_while_serve_runs_resends_only_the_repaired_blocks() {
+    let started = Instant::now();
+    let mut rx = Receiver::init_only();
+    rx.prepend_config("metrics_listen = \"127.0.0.1:0\"\n");
+    rx.serve();
+    let image = write_mixed_image(&rx.image_path("r"), 128, BLOCK, 0x5e9a);
+    let state = rx.agent_state("r");
+    // No periodic rescan during the test: only the repair can resend a block.
+    let agent = run_agent(&rx, &image.path, &state, &["--scan-interval", "1h"]);
+    assert!(
+        converged(&rx, &image.path, CONVERGE),
+        "the initial sync did not finish; receiver log:\n{}",
+        rx.log()
+    );
+    // The counters settle once the initial sync's last blocks are counted.
+    let mut before = 0.0;
+    assert!(poll(Duration::from_secs(20), || {
+        let now = counter(&receiver_metrics(&rx), "lifeboat_replicated_bytes_total");
+        let settled = now == before && now > 0.0;
+        before = now;
+        std::thread::sleep(Duration::from_millis(300));
+        settled
+    }));
+
+    // Two non-zero blocks of the staging volume get a flipped byte.
+    let data = std::fs::read(&image.path).unwrap();
+    let victims: Vec<u64> = (0..128u64)
+        .filter(|&i| {
+            data[i as usize * BLOCK..(i as usize + 1) * BLOCK]
+                .iter()
+                .any(|&x| x != 0)
+        })
+        .step_by(7)
+        .take(2)
+        .collect();
+    for &v in &victims {
+        flip(&rx.staging("data"), v * BLOCK as u64 + 4321);
+    }
+    let (code, v, err) = verify_json(&rx, &[]);
+    assert_eq!(code, 2, "{v} {err}");
+
+    // verify --repair: serve takes the request, ends the agent's session,
+    // the agent fetches the digests and resends the two blocks.
+    let (code, v, err) = verify_json(&rx, &["--repair", "--wait", "30s"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["repair"], "applied", "{v}");
+    assert!(err.contains("serve repaired 2 blocks"), "{err}");
+    assert!(
+        converged(&rx, &image.path, Duration::from_secs(30)),
+        "the repaired blocks never came back; receiver log:\n{}",
+        rx.log()
+    );
+    lifeboat_tests::assert_identical(&image.path, &rx.staging("data"));
+    let (code, v, err) = verify_json(&rx, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert!(
+        rx.log().contains("repair requested by verify"),
+        "{}",
+        rx.log()
+    );
+
+    // Just those blocks were made durable again: no rescan, no full resync.
+    let mut after = 0.0;
+    poll(Duration::from_secs(10), || {
+        after = counter(&receiver_metrics(&rx), "lifeboat_replicated_bytes_total");
+        after >= before + (2 * BLOCK) as f64
+    });
+    let metrics = receiver_metrics(&rx);
+    assert_eq!(
+        after - before,
+        (victims.len() * BLOCK) as f64,
+        "bytes made durable after the repair (before {before}, after {after})"
+    );
+    assert_eq!(
+        counter(&metrics, "lifeboat_rescans_total"),
+        0.0,
+        "{metrics}"
+    );
+    let out = agent.kill();
+    assert!(
+        out.stderr
+            .contains("the receiver's digests of some blocks changed"),
+        "the agent did not say why it read blocks again:\n{}",
+        out.stderr
+    );
+    println!(
+        "verify --repair under serve: blocks {victims:?} resent; {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
