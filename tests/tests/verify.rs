@@ -11,8 +11,6 @@
 //!
 //! Every wait is bounded.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -297,36 +295,9 @@ fn a_damaged_journal_is_named_and_serve_recovers_from_it() {
     );
 }
 
-/// The receiver's `/metrics` text (serve writes its address to `D/http.addr`).
-fn receiver_metrics(rx: &Receiver) -> String {
-    let addr: SocketAddr = std::fs::read_to_string(rx.dir.join("http.addr"))
-        .expect("serve wrote no http.addr")
-        .trim()
-        .parse()
-        .expect("http.addr holds an address");
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.take(16 << 20).read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 /// Volume "data"'s sample of counter `name` in a metrics text.
 fn counter(text: &str, name: &str) -> f64 {
-    let prefix = format!(
-        "{name}{{server=\"{}\",volume=\"data\"}} ",
-        lifeboat_tests::SERVER
-    );
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    lifeboat_tests::volume_metric(text, name, "data")
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
@@ -348,7 +319,7 @@ fn verify_repair_while_serve_runs_resends_only_the_repaired_blocks() {
     // The counters settle once the initial sync's last blocks are counted.
     let mut before = 0.0;
     assert!(poll(Duration::from_secs(20), || {
-        let now = counter(&receiver_metrics(&rx), "lifeboat_replicated_bytes_total");
+        let now = counter(&rx.metrics(), "lifeboat_replicated_bytes_total");
         let settled = now == before && now > 0.0;
         before = now;
         std::thread::sleep(Duration::from_millis(300));
@@ -395,10 +366,10 @@ fn verify_repair_while_serve_runs_resends_only_the_repaired_blocks() {
     // Just those blocks were made durable again: no rescan, no full resync.
     let mut after = 0.0;
     poll(Duration::from_secs(10), || {
-        after = counter(&receiver_metrics(&rx), "lifeboat_replicated_bytes_total");
+        after = counter(&rx.metrics(), "lifeboat_replicated_bytes_total");
         after >= before + (2 * BLOCK) as f64
     });
-    let metrics = receiver_metrics(&rx);
+    let metrics = rx.metrics();
     assert_eq!(
         after - before,
         (victims.len() * BLOCK) as f64,
