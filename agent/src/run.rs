@@ -19,6 +19,10 @@
 //!    holds, close the epoch, wait until it is durable. A block written again
 //!    while being read or sent is drained again and goes in the next epoch, so
 //!    the replica converges. Lost tracepoint events trigger a rescan.
+//!    After a reconnection that finds the replica's generation moved, the
+//!    blocks whose receiver digest changed (a `verify --repair`, a journal
+//!    replay) are added to the dirty set, so they are read and resent if
+//!    they differ without a full rescan.
 //! 4. Every second, report state, progress, lag and backlog to the receiver.
 //! 5. On SIGTERM/SIGINT: drain once more, write the stop record, remove the
 //!    marker, say goodbye.
@@ -629,6 +633,17 @@ async fn replicate_volume(
             last_drain = Instant::now();
         } else if last_scan.elapsed() >= ro.scan_interval {
             need_rescan = true;
+        }
+        // Blocks the receiver changed on its own while disconnected (a
+        // repair, a journal replay): read them again like any dirty block.
+        let recheck = rep.take_recheck();
+        if !recheck.is_empty() {
+            let now = Instant::now();
+            for b in recheck {
+                if geometry.contains(b) {
+                    dirty.blocks.entry(b).or_insert(now);
+                }
+            }
         }
         if need_rescan {
             let state = if tracking.mode == TrackingMode::PeriodicScan {

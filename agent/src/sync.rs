@@ -240,6 +240,9 @@ pub struct Replicator {
     connected_at: Instant,
     /// Connections in a row lost within [`QUICK_LOSS`] of being made.
     quick_losses: u32,
+    /// Blocks whose receiver digest changed while disconnected (see
+    /// [`Replicator::take_recheck`]).
+    recheck: Vec<u64>,
 }
 
 /// A connection lost sooner than this after it was made counts as a quick
@@ -328,6 +331,7 @@ impl Replicator {
             conn_span,
             connected_at: Instant::now(),
             quick_losses: 0,
+            recheck: Vec::new(),
         })
     }
 
@@ -339,6 +343,14 @@ impl Replicator {
     /// The source volume.
     pub fn volume(&self) -> &SourceVolume {
         &self.volume
+    }
+
+    /// Blocks to read again and resend if they differ: those whose digest
+    /// the receiver changed while this agent was not connected (found when
+    /// it reconnects and fetches the digests). `run` adds them to its dirty
+    /// set; a full pass covers them anyway.
+    pub fn take_recheck(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.recheck)
     }
 
     /// Whether the replica had completed a pass before this agent connected
@@ -427,6 +439,24 @@ impl Replicator {
                 "replica generation moved while disconnected: fetching the receiver's digests"
             );
             let digests = fetch_digests(&mut link, self.geometry.block_count()).await?;
+            // Blocks whose digest the receiver changed on its own (a
+            // `verify --repair` made it unknown, a replay re-hashed it) may
+            // now differ from the source with nothing marking them dirty.
+            self.recheck.extend(
+                self.index
+                    .digests
+                    .iter()
+                    .zip(&digests)
+                    .enumerate()
+                    .filter(|(_, (ours, theirs))| ours != theirs)
+                    .map(|(i, _)| i as u64),
+            );
+            if !self.recheck.is_empty() {
+                info!(
+                    blocks = self.recheck.len(),
+                    "the receiver's digests of some blocks changed: they are read again"
+                );
+            }
             self.index.digests = digests;
             self.index.generation = welcome.generation;
             self.index.durable_epoch = welcome.durable_epoch;

@@ -14,6 +14,7 @@ use lifeboat_receiver::fsutil;
 use lifeboat_receiver::pki::Pki;
 use lifeboat_receiver::serve_pit::{self, HydrateOutcome, NbdListen, ServePitOptions};
 use lifeboat_receiver::store::{Store, StoreUrl};
+use lifeboat_receiver::verify::RepairOutcome;
 use lifeboat_receiver::{launch, pit};
 use lifeboat_telemetry::logs::LogControl;
 
@@ -96,7 +97,10 @@ enum Command {
     /// Check by BLAKE3 digest that the staging volume (or, with --pit, a
     /// PIT's chunks in the store) holds what the receiver acknowledged, and
     /// name every block that does not. Reads only; safe while `serve` runs.
-    /// Exit status 0: all match; 2: mismatches found; 1: could not check.
+    /// Exit status 0: all match; 2: mismatches found; 1: could not check
+    /// (a missing or corrupt index, a manifest that does not resolve, or a
+    /// journal damaged before its end — named with the byte offset, as
+    /// `serve` then re-hashes the staging volume when it next opens it).
     Verify(VerifyArgs),
 }
 
@@ -113,11 +117,20 @@ struct VerifyArgs {
     #[arg(long)]
     json: bool,
     /// Mark the mismatched blocks of the staging volume for resync: their
-    /// digests are forgotten, so the agent's next full pass (any `sync`, or
-    /// `run` at its next start) resends exactly them from the source. Needs
-    /// `serve` stopped (it holds the replica).
+    /// digests are forgotten and the generation moves, so the agent fetches
+    /// the digests again and resends exactly those blocks from the source.
+    /// While `serve` runs, the request goes to it (a file in the replica's
+    /// state directory): it applies it within a second if an agent session
+    /// holds the volume, ends that session so the agent resends the blocks,
+    /// and otherwise when the replica is next opened; verify waits up to
+    /// --wait for it. With `serve` stopped, verify applies it itself. Exit
+    /// status 0 once the repair is applied (the blocks were mismatched but
+    /// are now on their way), 2 if it is still pending after --wait.
     #[arg(long, conflicts_with = "pit")]
     repair: bool,
+    /// How long --repair waits for a running `serve` to apply the request.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -697,29 +710,9 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
                     paths.index.display()
                 );
             }
-            let report = verify_staging(&paths)?;
+            let mut report = verify_staging(&paths)?;
             if args.repair && !report.mismatched.is_empty() {
-                if lifeboat_receiver::web::query_status(&s.dir).is_some() {
-                    bail!(
-                        "{} mismatched blocks found, but `serve` is running on {} and holds the replica: stop it, then run verify --repair again",
-                        report.mismatched.len(),
-                        s.dir.display()
-                    );
-                }
-                let ack = lifeboat_receiver::replica::acknowledged_digests(&paths)?;
-                let mut replica = lifeboat_receiver::replica::Replica::open(
-                    s.server.clone(),
-                    s.volume.clone(),
-                    paths.clone(),
-                    ack.geometry,
-                    false,
-                )?;
-                let blocks: Vec<u64> = report.mismatched.iter().map(|m| m.block).collect();
-                let generation = replica.forget_blocks(&blocks)?;
-                eprintln!(
-                    "marked {} blocks for resync (generation {generation}): the agent's next full pass resends them",
-                    blocks.len()
-                );
+                report.repair = Some(repair(s, &paths, &report, args.wait)?);
             }
             report
         }
@@ -729,7 +722,67 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
     } else {
         print!("{}", render(&report));
     }
-    Ok(report.mismatched.is_empty())
+    Ok(report.mismatched.is_empty() || report.repair == Some(RepairOutcome::Applied))
+}
+
+/// `verify --repair`: hands the mismatched blocks to whoever holds the
+/// replica (see `replica::request_repair`) and says what became of them.
+fn repair(
+    s: &StoreArgs,
+    paths: &lifeboat_receiver::replica::ReplicaPaths,
+    report: &lifeboat_receiver::verify::VerifyReport,
+    wait: std::time::Duration,
+) -> anyhow::Result<RepairOutcome> {
+    use lifeboat_receiver::replica::{acknowledged_digests, request_repair, Replica};
+    let blocks: Vec<u64> = report.mismatched.iter().map(|m| m.block).collect();
+    request_repair(paths, &blocks)
+        .with_context(|| format!("cannot write the repair request {}", paths.repair.display()))?;
+    if lifeboat_receiver::web::query_status(&s.dir).is_none() {
+        // No serve: open the replica here; open applies the request.
+        let ack = acknowledged_digests(paths)?;
+        let replica = Replica::open(
+            s.server.clone(),
+            s.volume.clone(),
+            paths.clone(),
+            ack.geometry,
+            false,
+        )?;
+        eprintln!(
+            "marked {} blocks for resync (generation {}): the agent resends them at its next session",
+            blocks.len(),
+            replica.generation()
+        );
+        return Ok(RepairOutcome::Applied);
+    }
+    eprintln!(
+        "serve is running: asked it to repair {} blocks ({}); waiting up to {}",
+        blocks.len(),
+        paths.repair.display(),
+        humantime::format_duration(wait)
+    );
+    let deadline = std::time::Instant::now() + wait;
+    let taken = paths.repair_taken();
+    loop {
+        if !paths.repair.exists() && !taken.exists() {
+            eprintln!(
+                "serve repaired {} blocks: their digests are forgotten and the agent's session was ended, so it fetches the digests and resends them from the source",
+                blocks.len()
+            );
+            return Ok(RepairOutcome::Applied);
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "serve did not take the repair request within {}: no agent session holds {}/{} now. \
+                 The request stays in {} and is applied when serve next opens the replica (the agent's next connection)",
+                humantime::format_duration(wait),
+                s.server,
+                s.volume,
+                paths.repair.display()
+            );
+            return Ok(RepairOutcome::Pending);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// `revoke`: adds every certificate of the server to the revocation list.

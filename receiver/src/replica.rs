@@ -50,7 +50,9 @@
 //! 3. At [`Replica::open`] an epoch journal that ends in a valid commit record
 //!    is replayed in place (idempotent: same data, same places) and truncated;
 //!    one without a commit record is discarded, so the staging volume stays at
-//!    the previous boundary. A torn or corrupt tail ends the journal there.
+//!    the previous boundary. A torn tail ends the journal there; damage
+//!    before the tail is handled as described under "Damage versus a torn
+//!    tail".
 //!
 //! ## Epoch commits do not rewrite the index
 //! The index is 32 bytes per block (512 MiB for a 1 TiB volume at 64 KiB
@@ -61,8 +63,8 @@
 //! rest — and the index file is rewritten only when the deltas have grown to
 //! its size (between 1 and 64 MiB), at session end and at open.
 //!
-//! At open the journal is replayed in log order up to its first torn or
-//! corrupt record: delta digests are set (a later one for a block wins), then
+//! At open the journal is replayed in log order up to its first torn
+//! record (damage is another matter, see below): delta digests are set (a later one for a block wins), then
 //! every block an intent names is re-hashed from the staging volume. That is
 //! right whatever the interleaving: a delta is appended only after its
 //! blocks are durably in place, and any later in-place write to the same
@@ -83,6 +85,54 @@
 //! Blocks are read back from the epoch journal at commit (usually from the page
 //! cache), so memory holds only a small entry per staged block.
 //!
+//! ## Damage versus a torn tail
+//! A crash in the middle of an append leaves at most the *last* record of a
+//! journal incomplete: records are appended one at a time, each `fdatasync`ed
+//! before the next, and a failed append poisons the replica (no further
+//! appends until an open has dealt with the tail). So a bad record (wrong
+//! magic, checksum or length) is a **torn tail** only if nothing but zeros
+//! follows the extent its header claims — it reaches the end of the file, or
+//! the file grew without its bytes being written — and no valid record can be
+//! found after it. Anything else is **damage** (a flipped byte on disk, a
+//! lost or misdirected write): the records after it exist and were
+//! `fdatasync`ed, so stopping there would silently forget them. When the two
+//! cannot be told apart (the last record damaged in place looks torn; a
+//! record whose start was lost looks damaged), the cost of guessing
+//! "damage" is one re-hash and the cost of guessing "torn" may be a wrong
+//! index, so ambiguity leans to damage except for a last record with its
+//! magic intact, which is what a torn append looks like.
+//!
+//! - **Index journal damaged** (`.journal`): which blocks the lost records
+//!   named is unknown, so the index cannot be repaired from the journal. Open
+//!   logs the file and the offset, re-hashes the whole staging volume (it is
+//!   the truth: every record describes writes already in place or an intent
+//!   whose writes may be partial, and a re-hash covers both), keeps the
+//!   highest generation and epoch of any valid record, before or after the
+//!   damage (found by scanning forward for the magic and a good checksum),
+//!   and moves the generation on, so the agent fetches the digests again and
+//!   resends whatever differs from its source.
+//! - **Epoch journal damaged** (`.epoch`): nothing is replayed from it. If a
+//!   valid commit record follows the damage, the commit was durable and the
+//!   in-place writes may have begun: the staging volume may be part-way
+//!   between the durable epoch and the committed one. Replaying the
+//!   surviving records could not restore the epoch (the damaged block is
+//!   gone) and could write an earlier copy of a block sent twice; so the
+//!   staging volume is left as it is, re-hashed in full so the index says
+//!   exactly what it holds, the durable epoch is *not* raised (the staging
+//!   volume is not at that boundary; the agent was never told the epoch was
+//!   durable and still holds its blocks as dirty), the generation moves on
+//!   and an error is logged saying the volume may lie between epochs. The
+//!   agent's next epoch carries every block that differs, which brings the
+//!   staging volume to a boundary again; until then no PIT is taken, since
+//!   PITs start only when an epoch becomes durable. Without a commit record
+//!   after the damage nothing was written in place, but the damaged record
+//!   may itself have been the commit, so the volume is re-hashed as well.
+//!
+//! `verify` reads the index journal without changing it and reports damage
+//! as [`ReplicaError::JournalDamaged`] (the file and the offset): the
+//! acknowledged digests after it are unknown, so the staging volume cannot
+//! be checked until `serve` has re-hashed it.
+//!
 //! ## Epoch journal record format (little-endian)
 //! `magic "LBE1"` · `u8 kind` (1 data, 2 zero block, 3 commit) · `u64 epoch` ·
 //! `u64 index` (for a commit: the number of block records of the epoch) ·
@@ -99,7 +149,7 @@ use lifeboat_protocol::frame::RESYNC_EPOCH;
 use lifeboat_protocol::hash::{is_all_zero, zero_hash, BlockHash};
 use lifeboat_protocol::index::HashIndex;
 use lifeboat_protocol::{ServerName, VolumeGeometry, VolumeName};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::fsutil;
 use crate::staging::{BlockSink, StagingError, StagingVolume};
@@ -167,6 +217,17 @@ pub enum ReplicaError {
     /// The capture cannot give the PIT its blocks any more.
     #[error("the PIT cannot be completed: {0}")]
     CaptureBroken(String),
+    /// A journal is damaged before its end (not a torn append), so the
+    /// digests it acknowledged are not all known: see the module docs.
+    #[error("the journal {path} is damaged at byte {offset}: {detail}")]
+    JournalDamaged {
+        /// The journal.
+        path: PathBuf,
+        /// Byte offset of the first damaged record.
+        offset: u64,
+        /// What follows the damage.
+        detail: String,
+    },
     /// The index or journal could not be read or written.
     #[error("{what} {path}: {source}")]
     Metadata {
@@ -203,6 +264,8 @@ pub struct ReplicaPaths {
     pub epoch_journal: PathBuf,
     /// The status file `lifeboat-receiver status` reads.
     pub status: PathBuf,
+    /// A pending repair request of `verify --repair` (see [`request_repair`]).
+    pub repair: PathBuf,
 }
 
 impl ReplicaPaths {
@@ -215,8 +278,47 @@ impl ReplicaPaths {
             journal: state.join(format!("{}.journal", volume.as_str())),
             epoch_journal: state.join(format!("{}.epoch", volume.as_str())),
             status: state.join(format!("{}.status.json", volume.as_str())),
+            repair: state.join(format!("{}.repair", volume.as_str())),
         }
     }
+
+    /// A repair request being applied (claimed by renaming the request).
+    pub fn repair_taken(&self) -> PathBuf {
+        let mut p = self.repair.clone().into_os_string();
+        p.push(".taken");
+        PathBuf::from(p)
+    }
+}
+
+/// What `verify --repair` asks of the replica: forget these blocks' digests
+/// (see [`Replica::forget_blocks`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepairRequest {
+    /// Block indexes, ascending.
+    pub blocks: Vec<u64>,
+}
+
+/// Asks for `blocks` to be repaired: adds them to the replica's pending
+/// request file (`state/<server>/<volume>.repair`, written atomically). The
+/// holder of the replica applies it — a running `serve` within a second if
+/// a session has the volume open, else whoever opens the replica next
+/// ([`Replica::open`] applies a pending request).
+pub fn request_repair(paths: &ReplicaPaths, blocks: &[u64]) -> std::io::Result<()> {
+    let mut all: std::collections::BTreeSet<u64> = blocks.iter().copied().collect();
+    match std::fs::read(&paths.repair) {
+        Ok(bytes) => {
+            if let Ok(old) = serde_json::from_slice::<RepairRequest>(&bytes) {
+                all.extend(old.blocks);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fsutil::with_path(&paths.repair, e)),
+    }
+    let req = RepairRequest {
+        blocks: all.into_iter().collect(),
+    };
+    let json = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
+    fsutil::write_atomic(&paths.repair, &json, 0o600)
 }
 
 /// Where a staged block's bytes are in the epoch journal.
@@ -273,6 +375,8 @@ pub struct Replica {
     /// The PIT being taken, if any: the blocks it still has to read, kept as
     /// they were at its epoch while later epochs are written in place.
     capture: Option<Capture>,
+    /// Open re-hashed the whole staging volume.
+    rehashed_all: bool,
 }
 
 /// What a PIT sees of a replica at the epoch it holds (see
@@ -404,6 +508,7 @@ impl Replica {
             open_epoch: None,
             failed: false,
             capture: None,
+            rehashed_all: false,
             paths,
         };
         match stored {
@@ -436,6 +541,10 @@ impl Replica {
             }
         }
         replica.recover_epoch_journal()?;
+        // A claimed request left by a crash, then a pending one.
+        for _ in 0..2 {
+            replica.apply_repair_request()?;
+        }
         Ok(replica)
     }
 
@@ -452,6 +561,12 @@ impl Replica {
     /// Current generation (bumped by every applied batch).
     pub fn generation(&self) -> u64 {
         self.index.generation
+    }
+
+    /// Whether opening re-hashed the whole staging volume (no usable index,
+    /// a resize, or a damaged journal).
+    pub fn rehashed_at_open(&self) -> bool {
+        self.rehashed_all
     }
 
     /// Last epoch made durable.
@@ -889,6 +1004,33 @@ impl Replica {
                     self.index.durable_epoch
                 );
             }
+            EpochJournal::Damaged {
+                offset,
+                epoch,
+                commit_after,
+            } => {
+                // Nothing is replayed from a damaged epoch journal, and the
+                // whole staging volume is re-hashed (see "Damage versus a
+                // torn tail" in the module docs for why).
+                let path = self.paths.epoch_journal.display().to_string();
+                match commit_after {
+                    Some(e) if e > self.index.durable_epoch => error!(
+                        server = %self.server, volume = %self.volume, %path, offset, epoch = e,
+                        "the epoch journal is damaged at byte {offset} and a valid commit record of epoch {e} follows it: \
+                         the commit was durable, so its in-place writes may have begun and the staging volume may lie \
+                         between epochs {} and {e} until the agent resends them. Nothing is replayed from a damaged \
+                         journal; re-hashing the whole staging volume so the index is its truth",
+                        self.index.durable_epoch
+                    ),
+                    _ => warn!(
+                        server = %self.server, volume = %self.volume, %path, offset, epoch = ?epoch, commit_after = ?commit_after,
+                        "the epoch journal is damaged at byte {offset} (not a torn append): its epoch is not replayed; \
+                         re-hashing the whole staging volume in case the damage hid a durable commit"
+                    ),
+                }
+                self.index.generation += 1;
+                self.rehash_all()?;
+            }
         }
         self.truncate_epoch_journal()
     }
@@ -923,6 +1065,53 @@ impl Replica {
         self.index.generation += 1;
         self.commit_index()?;
         Ok(self.index.generation)
+    }
+
+    /// Applies a pending repair request of `verify --repair`, if any (see
+    /// [`request_repair`]): the request is claimed by renaming it (so a
+    /// newer one written meanwhile is not lost), its blocks are forgotten
+    /// durably, then the claimed file is removed. A claimed file left by a
+    /// crash is applied first. Returns the blocks forgotten and the new
+    /// generation, or `None` if nothing was pending.
+    pub fn apply_repair_request(&mut self) -> Result<Option<(usize, u64)>, ReplicaError> {
+        let taken = self.paths.repair_taken();
+        let meta_err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReplicaError::Metadata { what, path, source }
+        };
+        if !taken.exists() {
+            match std::fs::rename(&self.paths.repair, &taken) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(meta_err(
+                        "cannot claim the repair request",
+                        &self.paths.repair,
+                    )(e))
+                }
+            }
+        }
+        let bytes =
+            std::fs::read(&taken).map_err(meta_err("cannot read the repair request", &taken))?;
+        let blocks = match serde_json::from_slice::<RepairRequest>(&bytes) {
+            Ok(req) => req.blocks,
+            Err(e) => {
+                warn!(path = %taken.display(), "ignoring an unreadable repair request: {e}");
+                Vec::new()
+            }
+        };
+        let generation = if blocks.is_empty() {
+            self.index.generation
+        } else {
+            self.forget_blocks(&blocks)?
+        };
+        std::fs::remove_file(&taken)
+            .map_err(meta_err("cannot remove the repair request", &taken))?;
+        info!(
+            server = %self.server, volume = %self.volume, blocks = blocks.len(), generation,
+            "applied a repair request of verify: the blocks' digests are forgotten, so the agent resends them"
+        );
+        Ok(Some((blocks.len(), generation)))
     }
 
     /// Writes the index durably and empties the journal. Refused after a failed
@@ -983,14 +1172,21 @@ impl Replica {
     fn append_journal_record(&mut self, mut rec: Vec<u8>) -> Result<u64, ReplicaError> {
         let sum = blake3::hash(&rec);
         rec.extend_from_slice(&sum.as_bytes()[..16]);
-        self.journal
+        let written = self
+            .journal
             .write_all(&rec)
-            .and_then(|_| self.journal.sync_data())
-            .map_err(|source| ReplicaError::Metadata {
+            .and_then(|_| self.journal.sync_data());
+        if let Err(source) = written {
+            // The journal's tail is unknown now: nothing more is appended
+            // after it (a torn record must stay the last one); the next open
+            // sorts it out.
+            self.failed = true;
+            return Err(ReplicaError::Metadata {
                 what: "cannot append to journal",
                 path: self.paths.journal.clone(),
                 source,
-            })?;
+            });
+        }
         Ok(rec.len() as u64)
     }
 
@@ -1021,6 +1217,23 @@ impl Replica {
             return Ok(());
         }
         let replay = parse_journal(&bytes, self.index.block_count());
+        if let Some(d) = &replay.damage {
+            // Records after the damage may be lost, and which blocks they
+            // named is unknown: nothing short of the staging volume itself
+            // can say what it holds. Keep the highest generation and epoch
+            // any valid record shows (the agent may have seen them), then
+            // move the generation on so the agent compares digests again.
+            warn!(
+                server = %self.server, volume = %self.volume,
+                path = %self.paths.journal.display(), offset = d.offset,
+                bytes_after = d.bytes_after, later_records = d.later_records,
+                "the journal is damaged at byte {} (not a torn append: {} valid records follow): re-hashing the whole staging volume",
+                d.offset, d.later_records
+            );
+            self.index.durable_epoch = self.index.durable_epoch.max(replay.max_epoch);
+            self.index.generation = self.index.generation.max(replay.max_generation) + 1;
+            return self.rehash_all();
+        }
         info!(
             server = %self.server, volume = %self.volume, epochs = replay.epochs,
             rehash = replay.rehash.len(),
@@ -1045,6 +1258,7 @@ impl Replica {
     }
 
     fn rehash_all(&mut self) -> Result<(), ReplicaError> {
+        self.rehashed_all = true;
         for i in 0..self.index.block_count() {
             self.index.digests[i as usize] = self.hash_block(i)?;
         }
@@ -1079,7 +1293,46 @@ pub struct Acknowledged {
 /// Reads [`Acknowledged`] from `paths` (index and journal) read-only. A
 /// missing or corrupt index is an error naming the file (`serve` would
 /// rebuild it from the staging volume, which `verify` cannot check against).
+/// So is a journal damaged before its end ([`ReplicaError::JournalDamaged`]):
+/// the digests recorded after the damage are unknown. `serve` may rewrite
+/// the files while they are read, so damage is reported only if a second
+/// read, a moment later, finds the same bytes damaged at the same offset.
 pub fn acknowledged_digests(paths: &ReplicaPaths) -> Result<Acknowledged, ReplicaError> {
+    let mut previous: Option<(Vec<u8>, JournalDamage)> = None;
+    for _ in 0..5 {
+        let (ack, journal, replay) = read_acknowledged(paths)?;
+        let Some(damage) = replay.and_then(|r| r.damage) else {
+            return Ok(ack);
+        };
+        if let Some((before, d)) = &previous {
+            if d.offset == damage.offset && journal.starts_with(before) {
+                return Err(ReplicaError::JournalDamaged {
+                    path: paths.journal.clone(),
+                    offset: damage.offset,
+                    detail: format!(
+                        "{} bytes from there to its end, {} valid records after the damage; \
+                         the digests it recorded there are unknown (a torn append can only be \
+                         the last record). `serve` re-hashes the whole staging volume when it \
+                         next opens the replica",
+                        damage.bytes_after, damage.later_records
+                    ),
+                });
+            }
+        }
+        previous = Some((journal, damage));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Rewritten under us every time: `serve` is busy with it, and what it
+    // rewrites comes from its memory, not from the damaged bytes.
+    let (ack, _, _) = read_acknowledged(paths)?;
+    Ok(ack)
+}
+
+/// One read of the index and journal: the acknowledged digests (up to any
+/// damage), the journal's bytes and its parse.
+fn read_acknowledged(
+    paths: &ReplicaPaths,
+) -> Result<(Acknowledged, Vec<u8>, Option<JournalReplay>), ReplicaError> {
     let bytes = std::fs::read(&paths.index).map_err(|source| ReplicaError::Metadata {
         what: "cannot read the hash index",
         path: paths.index.clone(),
@@ -1092,18 +1345,9 @@ pub fn acknowledged_digests(paths: &ReplicaPaths) -> Result<Acknowledged, Replic
     })?;
     let mut digests = index.digests.clone();
     let mut uncertain = std::collections::BTreeSet::new();
-    match std::fs::read(&paths.journal) {
-        Ok(journal) if !journal.is_empty() => {
-            let replay = parse_journal(&journal, index.block_count());
-            for (i, d) in replay.digests {
-                if let Some(slot) = digests.get_mut(i as usize) {
-                    *slot = d;
-                }
-            }
-            uncertain.extend(replay.rehash);
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let journal = match std::fs::read(&paths.journal) {
+        Ok(journal) => journal,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(source) => {
             return Err(ReplicaError::Metadata {
                 what: "cannot read the journal",
@@ -1111,12 +1355,22 @@ pub fn acknowledged_digests(paths: &ReplicaPaths) -> Result<Acknowledged, Replic
                 source,
             })
         }
+    };
+    let replay = (!journal.is_empty()).then(|| parse_journal(&journal, index.block_count()));
+    if let Some(replay) = &replay {
+        for &(i, d) in &replay.digests {
+            if let Some(slot) = digests.get_mut(i as usize) {
+                *slot = d;
+            }
+        }
+        uncertain.extend(replay.rehash.iter().copied());
     }
-    Ok(Acknowledged {
+    let ack = Acknowledged {
         geometry: index.geometry,
         digests,
         uncertain,
-    })
+    };
+    Ok((ack, journal, replay))
 }
 
 fn encode_epoch_record(
@@ -1139,7 +1393,7 @@ fn encode_epoch_record(
     buf.extend_from_slice(&sum.as_bytes()[..EPOCH_SUM_LEN]);
 }
 
-/// What an epoch journal holds, up to its first torn or corrupt record.
+/// What an epoch journal holds, up to its first torn or damaged record.
 #[derive(Debug)]
 enum EpochJournal {
     /// Block records of one epoch followed by its matching commit record.
@@ -1149,66 +1403,222 @@ enum EpochJournal {
     },
     /// No valid commit record: the epoch (if any) is discarded.
     Uncommitted { epoch: Option<u64>, records: u64 },
+    /// A record before the tail is damaged (see "Damage versus a torn tail"
+    /// in the module docs).
+    Damaged {
+        /// Byte offset of the damaged record.
+        offset: u64,
+        /// The epoch of the records before it, if any.
+        epoch: Option<u64>,
+        /// The epoch of a valid commit record found after the damage.
+        commit_after: Option<u64>,
+    },
+}
+
+/// One epoch-journal record as read at some offset.
+enum EpochRecord {
+    Valid {
+        kind: u8,
+        epoch: u64,
+        index: u64,
+        digest: BlockHash,
+        /// Record length.
+        total: u64,
+    },
+    /// Not a valid record; `reaches_end` as for [`JournalRecord::Bad`].
+    Bad { reaches_end: bool },
+}
+
+/// Whether `file` holds only zeros in `[from, len)`.
+fn zeros_from(file: &File, from: u64, len: u64) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+fn epoch_record_at(
+    file: &File,
+    pos: u64,
+    len: u64,
+    rec: &mut Vec<u8>,
+) -> std::io::Result<EpochRecord> {
+    let minimal = (EPOCH_HEADER_LEN + EPOCH_SUM_LEN) as u64;
+    if len - pos < minimal {
+        return Ok(EpochRecord::Bad { reaches_end: true });
+    }
+    let mut header = [0u8; EPOCH_HEADER_LEN];
+    file.read_exact_at(&mut header, pos)?;
+    if header[..4] != EPOCH_MAGIC {
+        // A torn append starts with its magic, unless nothing of it was
+        // written (zeros).
+        return Ok(EpochRecord::Bad {
+            reaches_end: zeros_from(file, pos, len)?,
+        });
+    }
+    let data_len = u32::from_le_bytes(header[53..57].try_into().expect("4 bytes")) as usize;
+    if data_len > EPOCH_MAX_DATA {
+        // No length we ever wrote: its extent is unknown.
+        return Ok(EpochRecord::Bad { reaches_end: false });
+    }
+    let total = (EPOCH_HEADER_LEN + data_len + EPOCH_SUM_LEN) as u64;
+    if len - pos < total {
+        return Ok(EpochRecord::Bad { reaches_end: true });
+    }
+    rec.resize(total as usize, 0);
+    file.read_exact_at(rec, pos)?;
+    let body = EPOCH_HEADER_LEN + data_len;
+    if blake3::hash(&rec[..body]).as_bytes()[..EPOCH_SUM_LEN] != rec[body..] {
+        return Ok(EpochRecord::Bad {
+            reaches_end: pos + total == len || zeros_from(file, pos + total, len)?,
+        });
+    }
+    Ok(EpochRecord::Valid {
+        kind: header[4],
+        epoch: u64::from_le_bytes(header[5..13].try_into().expect("8 bytes")),
+        index: u64::from_le_bytes(header[13..21].try_into().expect("8 bytes")),
+        digest: BlockHash(header[21..53].try_into().expect("32 bytes")),
+        total,
+    })
+}
+
+/// The offset of the next valid epoch-journal record at or after `from`.
+/// Scans for the magic a chunk at a time (a candidate inside a block's data
+/// is checked like any other: only its checksum makes it a record).
+fn next_epoch_record(file: &File, from: u64, len: u64) -> std::io::Result<Option<u64>> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = Vec::new();
+    let mut rec = Vec::new();
+    let mut at = from;
+    while at < len {
+        let n = (len - at).min(CHUNK + 3) as usize;
+        buf.resize(n, 0);
+        file.read_exact_at(&mut buf, at)?;
+        for (i, w) in buf.windows(4).enumerate() {
+            if w == EPOCH_MAGIC {
+                let q = at + i as u64;
+                if let EpochRecord::Valid { .. } = epoch_record_at(file, q, len, &mut rec)? {
+                    return Ok(Some(q));
+                }
+            }
+        }
+        if n < 4 {
+            break;
+        }
+        at += (n - 3) as u64;
+    }
+    Ok(None)
 }
 
 /// Reads epoch-journal records one by one (bounded allocation: a record's data
-/// is at most one block); stops at the first torn or corrupt record.
+/// is at most one block) up to a matching commit record. A bad record, or a
+/// valid one that does not fit (another epoch, a wrong count), ends the
+/// journal; it is a torn tail if nothing follows it, else damage.
 fn parse_epoch_journal(file: &File, len: u64, block_count: u64) -> std::io::Result<EpochJournal> {
     let mut pos = 0u64;
     let mut epoch: Option<u64> = None;
     let mut blocks = BTreeMap::new();
     let mut records = 0u64;
     let mut rec = Vec::new();
-    loop {
-        let minimal = (EPOCH_HEADER_LEN + EPOCH_SUM_LEN) as u64;
-        if len - pos < minimal {
-            break;
-        }
-        let mut header = [0u8; EPOCH_HEADER_LEN];
-        file.read_exact_at(&mut header, pos)?;
-        if header[..4] != EPOCH_MAGIC {
-            break;
-        }
-        let kind = header[4];
-        let rec_epoch = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
-        let index = u64::from_le_bytes(header[13..21].try_into().expect("8 bytes"));
-        let digest = BlockHash(header[21..53].try_into().expect("32 bytes"));
-        let data_len = u32::from_le_bytes(header[53..57].try_into().expect("4 bytes")) as usize;
-        if data_len > EPOCH_MAX_DATA || len - pos < minimal + data_len as u64 {
-            break;
-        }
-        let total = EPOCH_HEADER_LEN + data_len + EPOCH_SUM_LEN;
-        rec.resize(total, 0);
-        file.read_exact_at(&mut rec, pos)?;
-        let body = EPOCH_HEADER_LEN + data_len;
-        if blake3::hash(&rec[..body]).as_bytes()[..EPOCH_SUM_LEN] != rec[body..] {
-            break;
-        }
-        if *epoch.get_or_insert(rec_epoch) != rec_epoch {
-            break; // records of two epochs: never written so; stop trusting it
-        }
-        match kind {
-            EPOCH_KIND_DATA | EPOCH_KIND_ZERO if index < block_count => {
-                let data_at = (kind == EPOCH_KIND_DATA).then_some(pos + EPOCH_HEADER_LEN as u64);
-                blocks.insert(index, StagedBlock { digest, data_at });
-                records += 1;
+    while pos < len {
+        let (kind, rec_epoch, index, digest, total) =
+            match epoch_record_at(file, pos, len, &mut rec)? {
+                EpochRecord::Valid {
+                    kind,
+                    epoch,
+                    index,
+                    digest,
+                    total,
+                } => (kind, epoch, index, digest, total),
+                EpochRecord::Bad { reaches_end } => {
+                    let next = next_epoch_record(file, pos + 1, len)?;
+                    if reaches_end && next.is_none() {
+                        break; // a torn tail
+                    }
+                    return epoch_damage(file, pos, next, len, epoch);
+                }
+            };
+        let fits = *epoch.get_or_insert(rec_epoch) == rec_epoch
+            && match kind {
+                EPOCH_KIND_DATA | EPOCH_KIND_ZERO => index < block_count,
+                EPOCH_KIND_COMMIT => index == records,
+                _ => false,
+            };
+        if !fits {
+            // Checksummed yet never written so: the last record or damage.
+            if pos + total == len {
+                break;
             }
-            EPOCH_KIND_COMMIT if index == records => {
-                return Ok(EpochJournal::Committed {
-                    epoch: rec_epoch,
-                    blocks,
-                });
-            }
-            _ => break,
+            let next = next_epoch_record(file, pos + 1, len)?;
+            return epoch_damage(file, pos, next, len, epoch);
         }
-        pos += total as u64;
+        if kind == EPOCH_KIND_COMMIT {
+            return Ok(EpochJournal::Committed {
+                epoch: rec_epoch,
+                blocks,
+            });
+        }
+        let data_at = (kind == EPOCH_KIND_DATA).then_some(pos + EPOCH_HEADER_LEN as u64);
+        blocks.insert(index, StagedBlock { digest, data_at });
+        records += 1;
+        pos += total;
     }
     Ok(EpochJournal::Uncommitted { epoch, records })
 }
 
-/// Parses journal records up to the first incomplete or corrupt one; returns the
-/// block indexes named (those within `block_count`) and the highest generation.
-/// What a journal holds, parsed up to its first torn or corrupt record.
+/// [`EpochJournal::Damaged`] at `offset`, looking through the valid records
+/// from `next` on for a commit record.
+fn epoch_damage(
+    file: &File,
+    offset: u64,
+    mut next: Option<u64>,
+    len: u64,
+    epoch: Option<u64>,
+) -> std::io::Result<EpochJournal> {
+    let mut rec = Vec::new();
+    let mut commit_after = None;
+    while let Some(q) = next {
+        match epoch_record_at(file, q, len, &mut rec)? {
+            EpochRecord::Valid {
+                kind, epoch, total, ..
+            } => {
+                if kind == EPOCH_KIND_COMMIT {
+                    commit_after = Some(epoch);
+                }
+                next = (q + total < len).then_some(q + total);
+            }
+            EpochRecord::Bad { .. } => next = next_epoch_record(file, q + 1, len)?,
+        }
+    }
+    Ok(EpochJournal::Damaged {
+        offset,
+        epoch,
+        commit_after,
+    })
+}
+
+/// A journal record that failed its checks somewhere before the end of the
+/// file: not a torn append (which can only be the last record) but damage
+/// (see "Damage versus a torn tail" in the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalDamage {
+    /// Byte offset of the first damaged record.
+    pub offset: u64,
+    /// Bytes from there to the end of the file.
+    pub bytes_after: u64,
+    /// Valid records found after the damage (by scanning forward).
+    pub later_records: u64,
+}
+
+/// What a journal holds: its records in log order up to the first torn or
+/// damaged one, and whether that one was damage rather than a torn tail.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct JournalReplay {
     /// Blocks named by intent records (to re-hash), ascending, once each.
@@ -1217,57 +1627,158 @@ struct JournalReplay {
     digests: Vec<(u64, BlockHash)>,
     /// Delta records.
     epochs: usize,
+    /// Highest generation of any valid record, including those after damage.
     max_generation: u64,
+    /// Highest epoch of any valid delta record, including those after damage.
     max_epoch: u64,
+    /// Set when a record before the tail is damaged.
+    damage: Option<JournalDamage>,
 }
 
+/// Smallest journal record: a header (16 bytes for an intent, 24 for a
+/// delta, either way at least 16) and the 16-byte checksum.
+const JOURNAL_MIN_RECORD: usize = 16 + 16;
+
+/// One journal record as read at some offset.
+enum JournalRecord<'a> {
+    /// Checksummed intent: generation, the block indexes (raw), its length.
+    Intent {
+        generation: u64,
+        indexes: &'a [u8],
+        len: usize,
+    },
+    /// Checksummed delta: generation, epoch, the entries (raw), its length.
+    Delta {
+        generation: u64,
+        epoch: u64,
+        entries: &'a [u8],
+        len: usize,
+    },
+    /// Not a valid record. `reaches_end`: its header claims a length that
+    /// reaches or passes the end of the file, or is itself cut short — what
+    /// a torn append leaves.
+    Bad { reaches_end: bool },
+}
+
+fn journal_record_at(bytes: &[u8], pos: usize) -> JournalRecord<'_> {
+    let rec = &bytes[pos..];
+    let u64_at = |at: usize| u64::from_le_bytes(rec[at..at + 8].try_into().expect("8 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(rec[at..at + 4].try_into().expect("4 bytes"));
+    let (header, entry) = if rec.len() < 4 {
+        return JournalRecord::Bad { reaches_end: true };
+    } else if rec[..4] == JOURNAL_MAGIC {
+        (16, 8)
+    } else if rec[..4] == DELTA_MAGIC {
+        (DELTA_HEADER_LEN, DELTA_ENTRY_LEN)
+    } else {
+        // No magic: a torn append never starts so (its first bytes are the
+        // magic), unless the file grew with nothing written — zeros.
+        return JournalRecord::Bad {
+            reaches_end: rec.iter().all(|&b| b == 0),
+        };
+    };
+    if rec.len() < header {
+        return JournalRecord::Bad { reaches_end: true };
+    }
+    let count = u32_at(header - 4) as usize;
+    let body = header + count * entry;
+    if rec.len() < body + 16 {
+        return JournalRecord::Bad { reaches_end: true };
+    }
+    if blake3::hash(&rec[..body]).as_bytes()[..16] != rec[body..body + 16] {
+        return JournalRecord::Bad {
+            reaches_end: rec.len() == body + 16 || rec[body + 16..].iter().all(|&b| b == 0),
+        };
+    }
+    let len = body + 16;
+    if header == 16 {
+        JournalRecord::Intent {
+            generation: u64_at(4),
+            indexes: &rec[16..body],
+            len,
+        }
+    } else {
+        JournalRecord::Delta {
+            generation: u64_at(4),
+            epoch: u64_at(12),
+            entries: &rec[DELTA_HEADER_LEN..body],
+            len,
+        }
+    }
+}
+
+/// The offset of the next valid journal record at or after `from`, if any.
+fn next_journal_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(JOURNAL_MIN_RECORD - 1)).find(|&q| {
+        (bytes[q..q + 4] == JOURNAL_MAGIC || bytes[q..q + 4] == DELTA_MAGIC)
+            && !matches!(journal_record_at(bytes, q), JournalRecord::Bad { .. })
+    })
+}
+
+/// Parses a journal. Records are taken in log order up to the first bad
+/// one. A bad record that is the last thing in the file is a torn tail and
+/// ignored; anything else is [`JournalDamage`], and the valid records after
+/// it (found by scanning forward) only contribute their generation and
+/// epoch to the maxima.
 fn parse_journal(bytes: &[u8], block_count: u64) -> JournalReplay {
     let mut out = JournalReplay::default();
     let mut pos = 0usize;
-    let u64_at =
-        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    while bytes.len() - pos >= 16 + 16 {
-        let rec = &bytes[pos..];
-        if rec[..4] == JOURNAL_MAGIC {
-            let generation = u64_at(rec, 4);
-            let count = u32::from_le_bytes(rec[12..16].try_into().expect("4 bytes")) as usize;
-            let body = 16 + count * 8;
-            if rec.len() < body + 16
-                || blake3::hash(&rec[..body]).as_bytes()[..16] != rec[body..body + 16]
-            {
-                break;
+    while pos < bytes.len() {
+        match journal_record_at(bytes, pos) {
+            JournalRecord::Intent {
+                generation,
+                indexes,
+                len,
+            } => {
+                if let Some(d) = &mut out.damage {
+                    d.later_records += 1;
+                } else {
+                    out.rehash.extend(
+                        indexes
+                            .chunks_exact(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .filter(|&i| i < block_count),
+                    );
+                }
+                out.max_generation = out.max_generation.max(generation);
+                pos += len;
             }
-            out.rehash.extend(
-                rec[16..body]
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .filter(|&i| i < block_count),
-            );
-            out.max_generation = out.max_generation.max(generation);
-            pos += body + 16;
-        } else if rec[..4] == DELTA_MAGIC && rec.len() >= DELTA_HEADER_LEN {
-            let generation = u64_at(rec, 4);
-            let epoch = u64_at(rec, 12);
-            let count = u32::from_le_bytes(rec[20..24].try_into().expect("4 bytes")) as usize;
-            let body = DELTA_HEADER_LEN + count * DELTA_ENTRY_LEN;
-            if rec.len() < body + 16
-                || blake3::hash(&rec[..body]).as_bytes()[..16] != rec[body..body + 16]
-            {
-                break;
+            JournalRecord::Delta {
+                generation,
+                epoch,
+                entries,
+                len,
+            } => {
+                if let Some(d) = &mut out.damage {
+                    d.later_records += 1;
+                } else {
+                    for e in entries.chunks_exact(DELTA_ENTRY_LEN) {
+                        let i = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                        if i < block_count {
+                            out.digests
+                                .push((i, BlockHash(e[8..].try_into().expect("32 bytes"))));
+                        }
+                    }
+                    out.epochs += 1;
+                }
+                out.max_generation = out.max_generation.max(generation);
+                out.max_epoch = out.max_epoch.max(epoch);
+                pos += len;
             }
-            for e in rec[DELTA_HEADER_LEN..body].chunks_exact(DELTA_ENTRY_LEN) {
-                let i = u64_at(e, 0);
-                if i < block_count {
-                    out.digests
-                        .push((i, BlockHash(e[8..].try_into().expect("32 bytes"))));
+            JournalRecord::Bad { reaches_end } => {
+                let next = next_journal_record(bytes, pos + 1);
+                if out.damage.is_none() && (next.is_some() || !reaches_end) {
+                    out.damage = Some(JournalDamage {
+                        offset: pos as u64,
+                        bytes_after: (bytes.len() - pos) as u64,
+                        later_records: 0,
+                    });
+                }
+                match next {
+                    Some(q) => pos = q,
+                    None => break,
                 }
             }
-            out.epochs += 1;
-            out.max_generation = out.max_generation.max(generation);
-            out.max_epoch = out.max_epoch.max(epoch);
-            pos += body + 16;
-        } else {
-            break;
         }
     }
     out.rehash.sort_unstable();
@@ -1732,10 +2243,11 @@ mod tests {
         let r = open(&paths, g, false).unwrap();
         assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
         assert_eq!(r.durable_epoch(), 1);
+        assert!(!r.rehashed_at_open(), "a torn tail is not damage");
         drop(r);
 
-        // A block record whose data was torn, then a commit: the commit follows
-        // a bad record, so it is never reached.
+        // A block record whose data was damaged, then a commit: damage, not a
+        // torn tail. Nothing is replayed; the volume is re-hashed instead.
         let mut r = open(&paths, g, false).unwrap();
         r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096), block(3, 0xa3, 4096)])
             .unwrap();
@@ -1751,6 +2263,7 @@ mod tests {
         assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
         assert_eq!(block_bytes(&paths, 3), vec![0; 4096]);
         assert_eq!(r.durable_epoch(), 1);
+        assert!(r.rehashed_at_open());
         drop(r);
 
         // A commit whose count does not match the records before it is refused.
@@ -1761,6 +2274,7 @@ mod tests {
         std::fs::write(&paths.epoch_journal, &wrong).unwrap();
         let r = open(&paths, g, false).unwrap();
         assert_eq!(r.durable_epoch(), 1);
+        assert!(!r.rehashed_at_open(), "the last record, checksummed");
         drop(r);
 
         // And a valid commit with garbage after it still replays.
@@ -1771,6 +2285,227 @@ mod tests {
         let r = open(&paths, g, false).unwrap();
         assert_eq!(block_bytes(&paths, 1), vec![0xa1; 4096]);
         assert_eq!(r.durable_epoch(), 2);
+    }
+
+    /// Writes `fill` into block `index` of the staging volume behind the
+    /// replica's back: only a full re-hash can notice it.
+    fn scribble(paths: &ReplicaPaths, index: u64, fill: u8) {
+        let f = OpenOptions::new().write(true).open(&paths.staging).unwrap();
+        f.write_all_at(&[fill; 4096], index * 4096).unwrap();
+    }
+
+    /// Lengths of the journal's records, in order.
+    fn journal_records(paths: &ReplicaPaths) -> Vec<usize> {
+        let bytes = std::fs::read(&paths.journal).unwrap();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            match journal_record_at(&bytes, pos) {
+                JournalRecord::Intent { len, .. } | JournalRecord::Delta { len, .. } => {
+                    out.push(len);
+                    pos += len;
+                }
+                JournalRecord::Bad { .. } => panic!("bad record at {pos}"),
+            }
+        }
+        out
+    }
+
+    fn flip_byte(path: &Path, at: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    }
+
+    /// Epochs 2, 3 and 4 committed as delta records, an intent between them.
+    fn with_deltas(paths: &ReplicaPaths, g: VolumeGeometry) -> Replica {
+        let mut r = seeded(paths, g);
+        r.commit_index().unwrap();
+        r.stage_epoch_blocks(2, &[block(1, 0x21, 4096)]).unwrap();
+        r.commit_epoch(2).unwrap();
+        r.apply(&[block(4, 0x14, 4096)]).unwrap();
+        r.stage_epoch_blocks(3, &[block(3, 0x33, 4096)]).unwrap();
+        r.commit_epoch(3).unwrap();
+        r.stage_epoch_blocks(4, &[block(5, 0x45, 4096)]).unwrap();
+        r.commit_epoch(4).unwrap();
+        assert_eq!(journal_records(paths).len(), 4);
+        r
+    }
+
+    #[test]
+    fn damaged_journal_record_before_the_tail_rehashes_the_whole_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let r = with_deltas(&paths, g);
+        let gen = r.generation();
+        drop(r); // kill -9: the journal holds every record
+        scribble(&paths, 6, 0x66);
+        // A flipped byte in the second record (the intent): the deltas of
+        // epochs 3 and 4 come after it.
+        let first = journal_records(&paths)[0] as u64;
+        flip_byte(&paths.journal, first + 20);
+
+        // verify, read-only, names the file and the offset.
+        match acknowledged_digests(&paths) {
+            Err(ReplicaError::JournalDamaged {
+                path,
+                offset,
+                detail,
+            }) => {
+                assert_eq!((path, offset), (paths.journal.clone(), first));
+                assert!(detail.contains("2 valid records after"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let r = open(&paths, g, false).unwrap();
+        assert!(r.rehashed_at_open());
+        assert_eq!(r.digests(6, 1), vec![BlockHash::of(&[0x66; 4096])]);
+        assert_eq!(r.digests(1, 1), vec![BlockHash::of(&[0x21; 4096])]);
+        assert_eq!(r.digests(4, 1), vec![BlockHash::of(&[0x14; 4096])]);
+        assert_eq!(r.digests(5, 1), vec![BlockHash::of(&[0x45; 4096])]);
+        assert_eq!(
+            r.durable_epoch(),
+            4,
+            "epoch 4 is known from a record after the damage"
+        );
+        assert!(r.generation() > gen, "the agent must compare digests again");
+        assert_eq!(std::fs::metadata(&paths.journal).unwrap().len(), 0);
+        drop(r);
+        assert!(acknowledged_digests(&paths).is_ok());
+    }
+
+    #[test]
+    fn torn_last_journal_record_is_not_damage() {
+        for zeros in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (paths, g) = setup(dir.path());
+            let r = with_deltas(&paths, g);
+            drop(r);
+            scribble(&paths, 6, 0x66);
+            let len = std::fs::metadata(&paths.journal).unwrap().len();
+            let f = OpenOptions::new().write(true).open(&paths.journal).unwrap();
+            if zeros {
+                // The file grew but the end of the record never reached it.
+                f.write_all_at(&[0; 10], len - 10).unwrap();
+            } else {
+                f.set_len(len - 10).unwrap();
+            }
+            drop(f);
+            let ack = acknowledged_digests(&paths).unwrap();
+            assert_eq!(ack.digests[3], BlockHash::of(&[0x33; 4096]));
+            let r = open(&paths, g, false).unwrap();
+            assert!(!r.rehashed_at_open(), "zeros: {zeros}");
+            assert_eq!(r.digests(6, 1), vec![zero_hash(4096)], "not re-hashed");
+            assert_eq!(r.digests(3, 1), vec![BlockHash::of(&[0x33; 4096])]);
+            assert_eq!(r.durable_epoch(), 3, "epoch 4's delta was torn");
+        }
+    }
+
+    #[test]
+    fn damaged_epoch_record_before_a_commit_rehashes_and_replays_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        let gen = r.generation();
+        r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096), block(3, 0xa3, 4096)])
+            .unwrap();
+        let mut commit = Vec::new();
+        encode_epoch_record(
+            &mut commit,
+            EPOCH_KIND_COMMIT,
+            2,
+            2,
+            &BlockHash([0; 32]),
+            &[],
+        );
+        r.append_epoch_records(&commit).unwrap();
+        drop(r);
+        // Killed after the commit, part-way through the in-place writes:
+        // block 1 is written, block 3 is not.
+        scribble(&paths, 1, 0xa1);
+        scribble(&paths, 6, 0x66);
+        // Then block 3's record is damaged on disk.
+        let len = std::fs::metadata(&paths.epoch_journal).unwrap().len();
+        flip_byte(&paths.epoch_journal, len - commit.len() as u64 - 100);
+
+        let r = open(&paths, g, false).unwrap();
+        assert!(r.rehashed_at_open());
+        assert_eq!(block_bytes(&paths, 3), vec![0; 4096], "nothing replayed");
+        assert_eq!(r.digests(1, 1), vec![BlockHash::of(&[0xa1; 4096])]);
+        assert_eq!(r.digests(3, 1), vec![zero_hash(4096)]);
+        assert_eq!(r.digests(6, 1), vec![BlockHash::of(&[0x66; 4096])]);
+        assert_eq!(r.durable_epoch(), 1, "the volume is not at epoch 2");
+        assert!(r.generation() > gen);
+        assert_eq!(std::fs::metadata(&paths.epoch_journal).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn damaged_epoch_record_without_a_commit_is_discarded_and_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let mut r = seeded(&paths, g);
+        r.stage_epoch_blocks(2, &[block(1, 0xa1, 4096), block(3, 0xa3, 4096)])
+            .unwrap();
+        drop(r);
+        // The first record's header is damaged; the second is whole.
+        flip_byte(&paths.epoch_journal, 10);
+        let mut rec = Vec::new();
+        let file = File::open(&paths.epoch_journal).unwrap();
+        let len = file.metadata().unwrap().len();
+        assert!(matches!(
+            parse_epoch_journal(&file, len, 9).unwrap(),
+            EpochJournal::Damaged {
+                offset: 0,
+                commit_after: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            epoch_record_at(&file, 0, len, &mut rec).unwrap(),
+            EpochRecord::Bad { reaches_end: false }
+        ));
+        let r = open(&paths, g, false).unwrap();
+        assert!(r.rehashed_at_open());
+        assert_eq!(block_bytes(&paths, 1), vec![1; 4096]);
+        assert_eq!(r.durable_epoch(), 1);
+    }
+
+    #[test]
+    fn a_pending_repair_request_is_applied_at_open_and_by_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, g) = setup(dir.path());
+        let r = seeded(&paths, g);
+        let gen = r.generation();
+        drop(r);
+        // Two requests merge; open applies them.
+        request_repair(&paths, &[2]).unwrap();
+        request_repair(&paths, &[1, 99]).unwrap();
+        let pending: RepairRequest =
+            serde_json::from_slice(&std::fs::read(&paths.repair).unwrap()).unwrap();
+        assert_eq!(pending.blocks, vec![1, 2, 99]);
+        let mut r = open(&paths, g, false).unwrap();
+        assert_eq!(r.digests(1, 2), vec![BlockHash::UNKNOWN; 2]);
+        assert_eq!(r.digests(3, 1), vec![zero_hash(4096)]);
+        assert!(r.generation() > gen);
+        assert!(!paths.repair.exists() && !paths.repair_taken().exists());
+        // While open: the holder applies a request when asked; a claimed
+        // request left by a crash is applied too.
+        assert_eq!(r.apply_repair_request().unwrap(), None);
+        r.apply(&[block(1, 1, 4096)]).unwrap();
+        std::fs::write(paths.repair_taken(), br#"{"blocks":[1]}"#).unwrap();
+        request_repair(&paths, &[3]).unwrap();
+        let gen = r.generation();
+        assert_eq!(r.apply_repair_request().unwrap(), Some((1, gen + 1)));
+        assert_eq!(r.digests(1, 1), vec![BlockHash::UNKNOWN]);
+        assert_eq!(r.apply_repair_request().unwrap(), Some((1, gen + 2)));
+        assert_eq!(r.digests(3, 1), vec![BlockHash::UNKNOWN]);
+        assert_eq!(r.apply_repair_request().unwrap(), None);
     }
 
     #[test]

@@ -46,6 +46,17 @@
 //! agent's reports. Gauges (state, lag, backlog) and PIT metrics are set by
 //! the sampler of [`crate::web`], from the status files and the store.
 //!
+//! ## Repair requests
+//! `verify --repair` cannot touch a replica a session holds open, so it
+//! leaves a request file (`state/<server>/<volume>.repair`, see
+//! [`crate::replica::request_repair`]). The driver looks for it every
+//! second; if present, it applies it under the replica's lock (the blocks'
+//! digests are forgotten, the generation moves) and ends the session with
+//! close code 9. The agent reconnects, sees the new generation, fetches the
+//! digests and resends the blocks whose digest changed — just those. A
+//! request for a volume no session holds is applied when the replica is
+//! next opened.
+//!
 //! A volume is open in at most one session at a time: a newer session of the
 //! same server closes the older one and takes the volume once it is released
 //! (an agent restarted after `kill -9` need not wait for the idle timeout);
@@ -151,6 +162,11 @@ impl Drop for ConnectionSlot {
 
 /// Application close code for a connection whose certificate is revoked.
 const CLOSE_REVOKED: u32 = 7;
+
+/// Application close code for a session ended because `verify --repair`
+/// made some of its volume's digests unknown: the agent reconnects, sees the
+/// generation moved, fetches the digests and resends the blocks that differ.
+const CLOSE_REPAIRED: u32 = 9;
 
 /// `D/pki/revoked.txt` as last read, with the file's identity then.
 struct RevocationWatch {
@@ -785,6 +801,8 @@ async fn drive_session(
     // A PIT asked for while another was being written: (epoch, label).
     let mut pit_deferred: Option<(u64, Option<String>)> = None;
     let mut metrics: Option<(VolumeMetrics, VolumeGeometry)> = None;
+    // Where `verify --repair` leaves a request for the open replica.
+    let mut repair_request: Option<PathBuf> = None;
 
     let result: anyhow::Result<()> = async {
         loop {
@@ -813,6 +831,7 @@ async fn drive_session(
                                 let vm = receiver.telemetry.volume(server.as_str(), hello.volume.as_str());
                                 metrics = Some((vm.clone(), geometry));
                                 info!(volume = %hello.volume, %geometry, generation, staging = %r.staging_path().display(), "session established");
+                                repair_request = Some(r.paths().repair.clone());
                                 let mut recorder = StatusRecorder::new(r.paths().status.clone(), &server, &hello.volume, geometry, r.staging_path(), epoch, generation);
                                 write_status(&mut recorder);
                                 status = Some(recorder);
@@ -1096,7 +1115,29 @@ async fn drive_session(
                         }
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    if let (Some(path), Some(r)) = (&repair_request, &replica) {
+                        if path.exists() {
+                            let r = r.clone();
+                            let applied = tokio::task::spawn_blocking(move || {
+                                let mut r = r.lock().map_err(|_| anyhow::anyhow!("replica lock poisoned"))?;
+                                r.apply_repair_request().map_err(anyhow::Error::new)
+                            })
+                            .await?;
+                            match applied {
+                                Ok(Some((blocks, generation))) => {
+                                    // The agent's reference digests are stale
+                                    // now: end the session so it fetches them.
+                                    info!(volume = %volume_label, blocks, generation, "repair requested by verify: ending the session so the agent fetches the digests and resends those blocks");
+                                    conn.close(CLOSE_REPAIRED.into(), b"the replica was repaired: reconnect to fetch its digests");
+                                    return Ok(());
+                                }
+                                Ok(None) => {}
+                                Err(e) => warn!(volume = %volume_label, "cannot apply the repair request (the next open retries it): {e:#}"),
+                            }
+                        }
+                    }
+                }
                 _ = sleep_until(timeout) => {
                     if let Err(e) = session.handle_timeout(Instant::now()) {
                         conn.close(5u32.into(), b"handshake timeout");

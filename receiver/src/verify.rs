@@ -7,14 +7,17 @@
 //!   block whose write a journal intent says may be in progress is counted
 //!   as unchecked. Mismatches are read again once (after re-reading the
 //!   acknowledged digests) so a block applied during the check is not
-//!   reported.
+//!   reported. A journal damaged before its end (not a torn last record)
+//!   makes the check impossible — the digests recorded after the damage are
+//!   unknown — and is an error naming the file and the byte offset
+//!   ([`ReplicaError::JournalDamaged`]).
 //! - A PIT (`--pit`): its manifest chain is resolved (checksummed) and every
 //!   distinct chunk it needs is fetched and its digest checked; missing and
 //!   corrupt chunks are reported with the blocks that use them.
 //!
-//! Mismatches are reported, not repaired: the blocks are named so an
-//! operator can resync them (the agent's next full pass resends whatever
-//! differs from the receiver's digests).
+//! Mismatches are reported; with `--repair` the blocks are also handed to
+//! whoever holds the replica ([`crate::replica::request_repair`]), which
+//! forgets their digests so the agent resends them from the source.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -52,6 +55,19 @@ pub struct VerifyReport {
     pub unchecked: u64,
     /// Blocks that do not match, ascending.
     pub mismatched: Vec<Mismatch>,
+    /// What `--repair` did about them, if asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairOutcome>,
+}
+
+/// What became of a `verify --repair` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepairOutcome {
+    /// The mismatched blocks' digests are forgotten: the agent resends them.
+    Applied,
+    /// The request waits for `serve` to open the replica.
+    Pending,
 }
 
 /// Errors that stop a verification (a mismatch is a finding, not an error).

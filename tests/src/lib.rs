@@ -554,6 +554,34 @@ impl Receiver {
         self.serve();
     }
 
+    /// `GET /metrics` of the running `serve` (which needs `metrics_listen`
+    /// in its configuration; the address comes from `D/http.addr`).
+    pub fn metrics(&self) -> String {
+        use std::net::{SocketAddr, TcpStream};
+        let file = self.dir.join("http.addr");
+        let addr: SocketAddr = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("serve wrote no {}: {e}", file.display()))
+            .trim()
+            .parse()
+            .expect("http.addr holds an address");
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("cannot reach {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set a read timeout");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send the request");
+        let mut raw = String::new();
+        s.take(16 << 20)
+            .read_to_string(&mut raw)
+            .expect("read the answer");
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
     /// The serving process's id, if it serves.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -614,6 +642,15 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// [`SERVER`]'s volume `volume`'s sample of metric `name` in a `/metrics`
+/// text, if there is one.
+pub fn volume_metric(text: &str, name: &str, volume: &str) -> Option<f64> {
+    let prefix = format!("{name}{{server=\"{SERVER}\",volume=\"{volume}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Calls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.

@@ -19,6 +19,16 @@
 //! `LIFEBOAT_FAULT_POINTS` (default 20, the CI mode; the long mode is 100 or
 //! more) and `LIFEBOAT_FAULT_SEED` choose the run; it prints
 //! `N passed, N failed` and its figures. Every wait is bounded.
+//!
+//! Those agent kills all land after the first full pass (the agent starts
+//! before the first point). A second scenario kills the agent during the
+//! very first initial sync of a fresh volume: `lifeboat-agent run` of 32 MiB
+//! of mixed data, rate-limited so the pass lasts seconds, is killed -9 once
+//! the receiver has made a seeded share (15–75 %, from
+//! `LIFEBOAT_FAULT_SEED`) of the data durable. Restarted, it must converge
+//! to the source exactly while sending only what was not yet acknowledged:
+//! the receiver's `lifeboat_replicated_bytes_total` after the restart plus
+//! before it must add up to the volume's non-zero data, not more.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,8 +40,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use lifeboat_tests::{
-    binaries, file_digest, poll, recover_replica_copy, skip, sparse_image, NbdAgent, Receiver,
-    Running, SERVER,
+    assert_identical, binaries, file_digest, poll, recover_replica_copy, skip, sparse_image,
+    volume_metric, write_mixed_image, NbdAgent, Receiver, Running, BLOCK, SERVER,
 };
 
 const VOLUME: &str = "vm";
@@ -373,4 +383,114 @@ fn crash_points_lose_nothing() {
             .collect::<Vec<_>>()
     );
     assert!(!pits.is_empty(), "no PIT was taken");
+}
+
+/// The receiver's count of block bytes made durable for `volume`.
+fn replicated_bytes(rx: &Receiver, volume: &str) -> f64 {
+    volume_metric(&rx.metrics(), "lifeboat_replicated_bytes_total", volume).unwrap_or(0.0)
+}
+
+/// Waits (bounded) until the receiver's durable-bytes count of `volume`
+/// stops moving; returns it.
+fn settled_replicated_bytes(rx: &Receiver, volume: &str) -> f64 {
+    let mut last = -1.0;
+    let settled = poll(Duration::from_secs(30), || {
+        let now = replicated_bytes(rx, volume);
+        let same = now == last;
+        last = now;
+        if !same {
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        same
+    });
+    assert!(settled, "the receiver's counters never settled");
+    last
+}
+
+fn run_agent(rx: &Receiver, image: &Path, volume: &str, state: &Path, extra: &[&str]) -> Running {
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.arg("run")
+        .arg("--bundle")
+        .arg(&rx.bundle)
+        .arg("--volume")
+        .arg(image)
+        .args(["--name", volume, "--state-dir"])
+        .arg(state)
+        .args(["--scan-interval", "1h"])
+        .args(extra);
+    Running::spawn_command(cmd)
+}
+
+#[test]
+fn agent_killed_during_its_first_initial_sync_resends_only_the_rest() {
+    const NAME: &str = "agent_killed_during_its_first_initial_sync";
+    const FRESH: &str = "fresh";
+    let seed = env_u64("LIFEBOAT_FAULT_SEED", 0x5eed_0007);
+    let share = StdRng::seed_from_u64(seed).random_range(0.15..0.75);
+    let started = Instant::now();
+    let mut rx = Receiver::init_only();
+    rx.prepend_config("metrics_listen = \"127.0.0.1:0\"\n");
+    rx.serve();
+    // 32 MiB: a third zeros, a third random, a third text.
+    let image = write_mixed_image(&rx.image_path(FRESH), 512, BLOCK, seed ^ 0x1417);
+    let data_bytes = (image.nonzero_blocks() * BLOCK as u64) as f64;
+    let state = rx.agent_state(FRESH);
+
+    // The first full pass of a fresh replica, about 3 s at this rate.
+    let agent = run_agent(&rx, &image.path, FRESH, &state, &["--max-rate", "4MiB/s"]);
+    let kill_at = share * data_bytes;
+    let reached = poll(Duration::from_secs(60), || {
+        let now = replicated_bytes(&rx, FRESH);
+        if now < kill_at {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        now >= kill_at
+    });
+    let first = agent.kill();
+    assert!(
+        reached,
+        "the receiver never made {kill_at} bytes durable\nagent:\n{}\nreceiver log:\n{}",
+        first.stderr,
+        rx.log()
+    );
+    let before = settled_replicated_bytes(&rx, FRESH);
+    assert!(
+        before < data_bytes,
+        "the kill came after the initial sync ({before} of {data_bytes} bytes durable)"
+    );
+
+    // Restarted: the marker of an unclean stop means another full pass,
+    // against the receiver's digests, which already hold what was durable.
+    let agent = run_agent(&rx, &image.path, FRESH, &state, &[]);
+    let staging = rx.staging(FRESH);
+    let converged = poll(Duration::from_secs(120), || {
+        let same = file_digest(&image.path) == file_digest(&staging);
+        if !same {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        same
+    });
+    let second = agent.kill();
+    assert!(
+        converged,
+        "no convergence after the restart\nagent:\n{}\nreceiver log:\n{}",
+        second.stderr,
+        rx.log()
+    );
+    assert_identical(&image.path, &staging);
+    let after = settled_replicated_bytes(&rx, FRESH) - before;
+    println!(
+        "{NAME}: seed {seed:#x}, killed at {:.0} % ({before} of {data_bytes} bytes durable), \
+         {after} bytes made durable after the restart; {:.1} s",
+        share * 100.0,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        after < data_bytes,
+        "the restart sent the whole volume again ({after} bytes)"
+    );
+    assert!(
+        before + after <= data_bytes + (4 * BLOCK) as f64,
+        "acknowledged blocks were sent again: {before} + {after} > {data_bytes}"
+    );
 }
