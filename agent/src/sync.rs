@@ -226,6 +226,9 @@ pub struct Replicator {
     replica_epoch_at_open: u64,
     rate: RateLimiter,
     last_save: Instant,
+    /// A pass ended since the index was last saved ([`Replicator::close`]
+    /// saves it).
+    unsaved: bool,
     /// Ask for a PIT with the closing flush of each pass.
     pit_ask: Option<PitAsk>,
     /// An answer to that which came while the pass was still running.
@@ -326,6 +329,7 @@ impl Replicator {
             next_epoch: welcome.durable_epoch + 1,
             replica_epoch_at_open: welcome.durable_epoch,
             last_save: Instant::now(),
+            unsaved: false,
             pit_answer: None,
             metrics: None,
             conn_span,
@@ -365,8 +369,10 @@ impl Replicator {
     }
 
     /// Saves the agent index durably.
-    pub fn save_index(&self) -> anyhow::Result<()> {
-        state::save_index(&self.index_path, &self.index)
+    pub fn save_index(&mut self) -> anyhow::Result<()> {
+        state::save_index(&self.index_path, &self.index)?;
+        self.unsaved = false;
+        Ok(())
     }
 
     /// Pairs each block of the volume in `blocks` with its reference digest.
@@ -733,6 +739,8 @@ impl Replicator {
         if mode == PassMode::Resync || self.last_save.elapsed() >= INDEX_SAVE_EVERY {
             self.last_save = Instant::now();
             self.save_index()?;
+        } else {
+            self.unsaved = true;
         }
         let report = PassReport {
             scanned_blocks: stats.scanned_blocks.load(Ordering::Relaxed),
@@ -797,6 +805,9 @@ impl Replicator {
 
     /// Ends the session cleanly.
     pub async fn close(mut self) {
+        if self.unsaved {
+            save_quietly(&self.index_path, &self.index);
+        }
         if let Some(link) = self.link.take() {
             link.close().await;
         }
