@@ -367,6 +367,20 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// `lifeboat-agent run` of `image` as `volume` into this receiver, with
+    /// its index in `state`; callers add their own flags.
+    pub fn agent_run(&self, image: &Path, volume: &str, state: &Path) -> Command {
+        let mut cmd = Command::new(&binaries().agent);
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(&self.bundle)
+            .arg("--volume")
+            .arg(image)
+            .args(["--name", volume, "--state-dir"])
+            .arg(state);
+        cmd
+    }
+
     /// Initialises a receiver, enrolls [`SERVER`] and starts `serve`.
     pub fn start() -> Receiver {
         let mut r = Receiver::init_only();
@@ -1416,15 +1430,8 @@ impl NbdAgent {
         url: String,
         up: impl Fn() -> bool,
     ) -> NbdAgent {
-        let mut cmd = Command::new(&binaries().agent);
-        cmd.arg("run")
-            .arg("--bundle")
-            .arg(&rx.bundle)
-            .arg("--volume")
-            .arg(image)
-            .args(["--name", volume, "--state-dir"])
-            .arg(state)
-            .args(["--nbd-listen", listen]);
+        let mut cmd = rx.agent_run(image, volume, state);
+        cmd.args(["--nbd-listen", listen]);
         let mut running = Running::spawn_command(cmd);
         let serving = poll(Duration::from_secs(30), || {
             if running.has_exited() {

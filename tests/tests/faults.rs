@@ -408,16 +408,8 @@ fn settled_replicated_bytes(rx: &Receiver, volume: &str) -> f64 {
 }
 
 fn run_agent(rx: &Receiver, image: &Path, volume: &str, state: &Path, extra: &[&str]) -> Running {
-    let mut cmd = Command::new(&binaries().agent);
-    cmd.arg("run")
-        .arg("--bundle")
-        .arg(&rx.bundle)
-        .arg("--volume")
-        .arg(image)
-        .args(["--name", volume, "--state-dir"])
-        .arg(state)
-        .args(["--scan-interval", "1h"])
-        .args(extra);
+    let mut cmd = rx.agent_run(image, volume, state);
+    cmd.args(["--scan-interval", "1h"]).args(extra);
     Running::spawn_command(cmd)
 }
 

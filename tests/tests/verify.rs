@@ -13,13 +13,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lifeboat_protocol::hash::BlockHash;
 use lifeboat_tests::{
-    binaries, change_blocks, file_digest, poll, walk_files, write_mixed_image, Receiver, Running,
-    Sync, BLOCK,
+    change_blocks, file_digest, poll, walk_files, write_mixed_image, Receiver, Running, Sync, BLOCK,
 };
 
 /// How long a continuous agent may take to bring the staging volume level
@@ -177,15 +175,8 @@ fn verify_names_corrupt_blocks_and_files() {
 
 /// `lifeboat-agent run` of `image` as volume "data" with `extra` flags.
 fn run_agent(rx: &Receiver, image: &Path, state: &Path, extra: &[&str]) -> Running {
-    let mut cmd = Command::new(&binaries().agent);
-    cmd.arg("run")
-        .arg("--bundle")
-        .arg(&rx.bundle)
-        .arg("--volume")
-        .arg(image)
-        .args(["--name", "data", "--state-dir"])
-        .arg(state)
-        .args(extra);
+    let mut cmd = rx.agent_run(image, "data", state);
+    cmd.args(extra);
     Running::spawn_command(cmd)
 }
 
