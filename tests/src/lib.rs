@@ -1530,3 +1530,21 @@ pub fn qemu_img_compare(a: &str, b: &str) -> (bool, String) {
         format!("{}{}", out.stdout, out.stderr),
     )
 }
+
+/// Removes ANSI colour sequences (`ESC [ ... m`) from a captured log.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

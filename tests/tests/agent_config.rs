@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use lifeboat_tests::{
-    assert_identical, binaries, change_blocks, file_digest, first_difference, run,
+    assert_identical, binaries, change_blocks, file_digest, first_difference, run, strip_ansi,
     write_mixed_image, write_random_image, Outcome, Receiver, BLOCK, SERVER,
 };
 
@@ -70,24 +70,6 @@ fn spawn_agent(rx: &Receiver, args: &[&str], label: &str) -> Agent {
         child: Some(child),
         log,
     }
-}
-
-/// Removes ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Agent {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use lifeboat_receiver::replica::ReplicaPaths;
 use lifeboat_tests::{
     assert_identical, attach, attach_with, binaries, change_blocks, file_digest, first_difference,
-    loop_unavailable, recover_replica_copy, run, skip, write_mixed_image, write_random_image,
-    LoopDevice, Receiver, BLOCK, SERVER,
+    loop_unavailable, recover_replica_copy, run, skip, strip_ansi, write_mixed_image,
+    write_random_image, LoopDevice, Receiver, BLOCK, SERVER,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -225,24 +225,6 @@ fn run_agent(
         log,
         label: label.to_string(),
     }
-}
-
-/// Removes ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Agent {
