@@ -361,7 +361,7 @@ fn run_sync(args: SyncArgs, config_path: Option<&Path>, file: &AgentConfig) -> a
         streams: streams(args.streams, file),
         connect_attempts: args.connect_attempts,
         scan,
-        window_bytes: 64 << 20,
+        window_bytes: lifeboat_agent::sync::WINDOW_BYTES,
         pit: args.pit.then(|| lifeboat_agent::sync::PitAsk {
             label: args.pit_label.clone(),
         }),
@@ -506,7 +506,7 @@ fn run_continuous(
             streams: streams(args.streams, &file),
             connect_attempts: u32::MAX,
             scan: scan.clone(),
-            window_bytes: 64 << 20,
+            window_bytes: lifeboat_agent::sync::WINDOW_BYTES,
             pit: None,
         })
         .collect();

@@ -137,24 +137,22 @@ pub fn diff_chunk(
     counts
 }
 
-/// Encodes one changed block found at byte `offset` of `chunk`. A block that
-/// travels raw shares the chunk's buffer instead of being copied.
+/// Encodes one changed block.
 fn encode_changed(
     encoder: &mut BlockEncoder,
-    chunk: &Bytes,
-    offset: usize,
     index: u64,
     digest: BlockHash,
     bytes: &[u8],
     zero: bool,
 ) -> ChangedBlock {
+    // Every payload owns exactly its bytes (the encoder copies a block that
+    // does not compress). A slice of the chunk would keep the whole 4 MiB
+    // read buffer alive until that one block is acknowledged, so memory would
+    // grow with the window times the chunk size instead of the window.
     let (encoding, payload) = if zero {
         (Encoding::Zero, Bytes::new())
     } else {
-        match encoder.encode(bytes) {
-            (Encoding::Raw, _) => (Encoding::Raw, chunk.slice(offset..offset + bytes.len())),
-            other => other,
-        }
+        encoder.encode(bytes)
     };
     ChangedBlock {
         index,
@@ -192,7 +190,7 @@ impl Default for ScanOptions {
     fn default() -> Self {
         ScanOptions {
             threads: thread::available_parallelism().map_or(2, |n| n.get()),
-            chunk_bytes: 4 << 20,
+            chunk_bytes: 1 << 20,
             zstd_level: lifeboat_protocol::block::DEFAULT_ZSTD_LEVEL,
         }
     }
@@ -234,16 +232,7 @@ pub fn scan_volume(
                         reference,
                         &zero_digest,
                         |index, digest, bytes, zero| {
-                            let rel = (index - first) as usize;
-                            let block = encode_changed(
-                                &mut encoder,
-                                &chunk,
-                                rel * bs,
-                                index,
-                                digest,
-                                bytes,
-                                zero,
-                            );
+                            let block = encode_changed(&mut encoder, index, digest, bytes, zero);
                             if out.blocking_send(block).is_err() {
                                 stop.store(true, Ordering::Relaxed);
                             }
@@ -367,15 +356,7 @@ pub fn scan_blocks(
             &zero_digest,
             |rel, digest, bytes, zero| {
                 let index = first + rel;
-                let block = encode_changed(
-                    &mut encoder,
-                    &chunk,
-                    rel as usize * bs,
-                    index,
-                    digest,
-                    bytes,
-                    zero,
-                );
+                let block = encode_changed(&mut encoder, index, digest, bytes, zero);
                 if out.blocking_send(block).is_err() {
                     failed = true;
                 }

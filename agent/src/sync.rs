@@ -137,6 +137,13 @@ pub struct SyncSummary {
     pub pit: Option<PitReport>,
 }
 
+/// Block bytes sent and not yet acknowledged, at most (resync passes): they
+/// are kept for resending after a reconnect, so this bounds the agent's
+/// memory as much as it allows throughput. 24 MiB covers the receiver's
+/// batch-and-fsync round trip at loopback speeds (no slower than 64 MiB in
+/// the initial-sync runs of BENCHMARKS.md) and 1 Gbit/s over a 200 ms path.
+pub const WINDOW_BYTES: usize = 24 << 20;
+
 /// How often the local index is saved during continuous replication.
 const INDEX_SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -514,7 +521,7 @@ impl Replicator {
         let epoch = self.next_epoch;
         let stats = Arc::new(ScanStats::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(256);
+        let (changed_tx, mut changed_rx) = mpsc::channel::<ChangedBlock>(64);
         let producer_kind = match &producer {
             Producer::FullScan | Producer::FrozenFull(_) => ProducerKind::FullScan,
             _ => ProducerKind::Listed,
