@@ -358,6 +358,7 @@ EOF
                     cmp "$DENSE" "$D/staging/web-1/dense.img" || { echo "lifeboat: staging differs from the source" >&2; exit 1; }
                     [ "$(json_field "$WORK/resync-$r.json" changed_blocks)" = "$n" ] ||
                         echo "note: lifeboat reported $(json_field "$WORK/resync-$r.json" changed_blocks) changed blocks, $n were changed"
+                    record resync.fetched_digests "$(json_field "$WORK/resync-$r.json" fetched_digests)"
                     record resync.agent_cpu "$(cpu_of "$WORK/resync-$r.time")"
                     record resync.agent_rss_kib "$(rss_of "$WORK/resync-$r.time")"
                     ;;
@@ -398,6 +399,7 @@ if want scan; then
                 tag=$([ "$m" = lifeboat_1t ] && echo scan1 || echo scan2)
                 sent=$(json_field "$WORK/$tag-$r.json" sent_blocks)
                 [ "$sent" = 0 ] || { echo "scan of an unchanged image sent $sent blocks" >&2; exit 1; }
+                record scan.fetched_digests "$(json_field "$WORK/$tag-$r.json" fetched_digests)"
                 ;;
             esac
             record "scan.$m" "$t"
@@ -413,17 +415,22 @@ if want initial || want launch; then
     python3 "$PEERS/mkimage.py" "$MIXED" "$SIZE_MIB" "$((SEED + 1))" mixed
 fi
 if want initial; then
+    # Receiver-side UDP rate of one iperf3 run (bytes per second).
     udp_bound() {
-        local port
+        local port spid
         port=$(free_port SOCK_STREAM)
-        iperf3 -s -1 -B 127.0.0.1 -p "$port" >>"$WORK/iperf3-server.log" 2>&1 &
-        local spid=$!
+        iperf3 -s -B 127.0.0.1 -p "$port" >>"$WORK/iperf3-server.log" 2>&1 &
+        spid=$!
+        PIDS+=("$spid")
         for _ in $(seq 1 50); do
-            iperf3 -c 127.0.0.1 -p "$port" -u -b 0 -l "$UDP_LEN" -t "$UDP_SECONDS" -J >"$WORK/iperf3.json" 2>/dev/null && break
+            ss -Hltn "sport = :$port" | grep -q . && break
             sleep 0.1
         done
-        wait "$spid" 2>/dev/null || true
-        python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['end']['sum_received']; print(f\"{s['bytes'] / s['seconds']:.0f}\")" "$WORK/iperf3.json"
+        timeout $((UDP_SECONDS + 30)) iperf3 -c 127.0.0.1 -p "$port" -u -b 0 -l "$UDP_LEN" \
+            -t "$UDP_SECONDS" -J >"$WORK/iperf3.json" 2>&1 || true
+        stop_receiver "$spid"
+        python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['end']['sum_received']; print(f\"{s['bytes'] / s['seconds']:.0f}\")" \
+            "$WORK/iperf3.json" || { echo "iperf3 failed:" >&2; cat "$WORK/iperf3.json" >&2; exit 1; }
     }
     step "initial sync: $ROUNDS rounds, each into a new receiver; bounds zstd -1 -T2 and UDP (-l $UDP_LEN) (${CACHE} page cache)"
     for r in $(seq 1 "$ROUNDS"); do

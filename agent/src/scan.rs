@@ -1,18 +1,24 @@
 //! The scan: read the whole volume, hash every block, compare with a reference.
 //!
-//! This is the hot path of the initial sync and of every rescan. A reader thread
-//! reads the volume in large sequential chunks (several blocks at once) into
-//! reference-counted buffers; a pool of worker threads sized to the cores hashes
-//! the blocks of each chunk, compares each digest with the reference (the
-//! receiver's digests, or the agent's index of what the receiver acknowledged),
-//! and compresses the blocks that differ. Changed blocks leave through a bounded
-//! channel, so a slow network slows the scan instead of filling memory.
+//! This is the hot path of the initial sync and of every rescan. Worker
+//! threads, as many as the cores, each read the next chunk of the volume (1
+//! MiB, several blocks at once) into a buffer of their own, hash its blocks,
+//! compare each digest with the reference (the receiver's digests, or the
+//! agent's index of what the receiver acknowledged), and compress the blocks
+//! that differ. Reads are taken in turn, so the volume is still read
+//! sequentially; hashing runs on every core. Changed blocks leave through a
+//! bounded channel, so a slow network slows the scan instead of filling
+//! memory.
+//!
+//! An earlier design had one reader thread feeding hashing workers: on two
+//! cores that made three busy threads, and two hashing workers scanned
+//! slower than one (BENCHMARKS.md, "Against the tools users would pick").
 //!
 //! All-zero blocks are found with a word-wise check before hashing; their digest
 //! is computed once per pass.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::thread;
 
 use bytes::Bytes;
@@ -26,35 +32,70 @@ use crate::volume::{SourceVolume, VolumeError};
 /// view of it frozen at one point of the write stream
 /// ([`crate::write_order::EpochTracker`]).
 pub trait ReadBlocks: Send + Sync + std::fmt::Debug {
-    /// Reads `len` bytes at `offset`; `first` names the first block for the
-    /// error message. Offsets and lengths are block-aligned (the volume's
+    /// Reads `buf.len()` bytes at `offset` into `buf` (4 KiB-aligned, for
+    /// block devices read with `O_DIRECT`); `first` names the first block for
+    /// the error message. Offsets and lengths are block-aligned (the volume's
     /// last block may be short).
-    fn read_bytes(&self, offset: u64, len: usize, first: u64) -> Result<Bytes, VolumeError>;
-}
+    fn read_into(&self, offset: u64, buf: &mut [u8], first: u64) -> Result<(), VolumeError>;
 
-impl ReadBlocks for SourceVolume {
+    /// Reads `len` bytes at `offset` into a new buffer.
     fn read_bytes(&self, offset: u64, len: usize, first: u64) -> Result<Bytes, VolumeError> {
-        SourceVolume::read_bytes(self, offset, len, first)
+        let mut buf = AlignedBuf::default();
+        self.read_into(offset, buf.get(len), first)?;
+        Ok(buf.into_bytes(len))
     }
 }
 
-/// Reads blocks `first..last` (bytes `offset..end`) in one call. If that
-/// fails, reads them one by one to name the first block that cannot be read
-/// (a large read names only where it started), and fails with that error.
-fn read_run(
+impl ReadBlocks for SourceVolume {
+    fn read_into(&self, offset: u64, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
+        self.read_at(buf, offset, first)
+    }
+}
+
+/// A reusable read buffer whose bytes start on a 4 KiB boundary.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    /// The first `len` bytes, aligned (grown if needed; contents are
+    /// whatever was read last, the caller overwrites them).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < len + Self::ALIGN {
+            self.raw = vec![0u8; len + Self::ALIGN];
+        }
+        let skew = self.raw.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
+        &mut self.raw[skew..skew + len]
+    }
+
+    fn into_bytes(self, len: usize) -> Bytes {
+        let skew = self.raw.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
+        Bytes::from(self.raw).slice(skew..skew + len)
+    }
+}
+
+/// Reads blocks `first..last` (bytes `offset..end`) in one call into `buf`.
+/// If that fails, reads them one by one to name the first block that cannot
+/// be read (a large read names only where it started), and fails with that
+/// error.
+fn read_run<'b>(
     volume: &dyn ReadBlocks,
     geometry: &VolumeGeometry,
-    first: u64,
-    last: u64,
-    offset: u64,
-    end: u64,
-) -> Result<Bytes, VolumeError> {
-    match volume.read_bytes(offset, (end - offset) as usize, first) {
-        Ok(b) => Ok(b),
+    (first, last): (u64, u64),
+    (offset, end): (u64, u64),
+    buf: &'b mut AlignedBuf,
+) -> Result<&'b [u8], VolumeError> {
+    let len = (end - offset) as usize;
+    match volume.read_into(offset, buf.get(len), first) {
+        Ok(()) => Ok(buf.get(len)),
         Err(whole) => {
             for b in first..last {
                 let r = geometry.block_range(b);
-                volume.read_bytes(r.start, (r.end - r.start) as usize, b)?;
+                let one = buf.get((r.end - r.start) as usize);
+                volume.read_into(r.start, one, b)?;
             }
             // Every block read alone: a transient error; report the first.
             Err(whole)
@@ -213,56 +254,68 @@ pub fn scan_volume(
     let blocks_per_chunk = (opts.chunk_bytes / bs).max(1) as u64;
     let zero_digest = zero_hash(bs);
     let total = geometry.block_count();
-    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Bytes)>(opts.threads.max(1) * 2);
-    let work_rx = Mutex::new(work_rx);
-    thread::scope(|s| {
-        for _ in 0..opts.threads.max(1) {
-            s.spawn(|| {
-                let mut encoder = BlockEncoder::new(opts.zstd_level);
-                loop {
-                    let next = match work_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((first, chunk)) = next else { return };
-                    let counts = diff_chunk(
-                        &geometry,
-                        first,
-                        &chunk,
-                        reference,
-                        &zero_digest,
-                        |index, digest, bytes, zero| {
-                            let block = encode_changed(&mut encoder, index, digest, bytes, zero);
-                            if out.blocking_send(block).is_err() {
-                                stop.store(true, Ordering::Relaxed);
-                            }
-                        },
-                    );
-                    stats.add(counts, chunk.len() as u64);
-                }
-            });
-        }
-        // The reader: this thread. Dropping `work_tx` at the end stops the workers.
-        let result = (|| {
-            let mut first = 0u64;
-            while first < total {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
+    // The next chunk to read. Held while reading, so the volume is read in
+    // order, one chunk at a time, whichever worker reads it.
+    let next = Mutex::new(0u64);
+    let failed: Mutex<Option<VolumeError>> = Mutex::new(None);
+    let work = || {
+        let mut encoder = BlockEncoder::new(opts.zstd_level);
+        let mut buf = AlignedBuf::default();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let (first, chunk) = {
+                let Ok(mut next) = next.lock() else { return };
+                let first = *next;
+                if first >= total || lock(&failed).is_some() {
+                    return;
                 }
                 let last = (first + blocks_per_chunk).min(total);
-                let offset = geometry.block_range(first).start;
-                let end = geometry.block_range(last - 1).end;
-                let buf = read_run(volume, &geometry, first, last, offset, end)?;
-                if work_tx.send((first, buf)).is_err() {
-                    return Ok(());
+                *next = last;
+                let bytes = (
+                    geometry.block_range(first).start,
+                    geometry.block_range(last - 1).end,
+                );
+                match read_run(volume, &geometry, (first, last), bytes, &mut buf) {
+                    Ok(chunk) => (first, chunk),
+                    Err(e) => {
+                        *lock(&failed) = Some(e);
+                        return;
+                    }
                 }
-                first = last;
-            }
-            Ok(())
-        })();
-        drop(work_tx);
-        result
-    })
+            };
+            let counts = diff_chunk(
+                &geometry,
+                first,
+                chunk,
+                reference,
+                &zero_digest,
+                |index, digest, bytes, zero| {
+                    let block = encode_changed(&mut encoder, index, digest, bytes, zero);
+                    if out.blocking_send(block).is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                },
+            );
+            stats.add(counts, chunk.len() as u64);
+        }
+    };
+    thread::scope(|s| {
+        for _ in 1..opts.threads.max(1) {
+            s.spawn(work);
+        }
+        // The calling thread is a worker too (see `diff_parallel`).
+        work();
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Diffs a whole in-memory volume image against `reference` on `threads`
@@ -331,6 +384,7 @@ pub fn scan_blocks(
     let zero_digest = zero_hash(bs);
     let mut encoder = BlockEncoder::new(opts.zstd_level);
     let max_run = (opts.chunk_bytes / bs).max(1);
+    let mut buf = AlignedBuf::default();
     let mut i = 0;
     while i < blocks.len() {
         if stop.load(Ordering::Relaxed) {
@@ -344,14 +398,20 @@ pub fn scan_blocks(
         let first = blocks[i].0;
         let start = geometry.block_range(first).start;
         let end = geometry.block_range(blocks[j - 1].0).end;
-        let chunk = read_run(volume, &geometry, first, blocks[j - 1].0 + 1, start, end)?;
+        let chunk = read_run(
+            volume,
+            &geometry,
+            (first, blocks[j - 1].0 + 1),
+            (start, end),
+            &mut buf,
+        )?;
         // diff_chunk indexes the reference from the run's first block.
         let reference: Vec<BlockHash> = blocks[i..j].iter().map(|(_, d)| *d).collect();
         let mut failed = false;
         let counts = diff_chunk(
             &geometry,
             0,
-            &chunk,
+            chunk,
             &reference,
             &zero_digest,
             |rel, digest, bytes, zero| {

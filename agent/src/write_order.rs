@@ -44,7 +44,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use bytes::Bytes;
 use lifeboat_protocol::VolumeGeometry;
 
 use crate::scan::ReadBlocks;
@@ -401,24 +400,22 @@ impl ReadBlocks for EpochTracker {
     /// preserved copies of the set being sent stay until it is durable. So a
     /// block found unpreserved after the read was not written before or
     /// during it, and a block written during it is preserved by then.
-    fn read_bytes(&self, offset: u64, len: usize, first: u64) -> Result<Bytes, VolumeError> {
+    fn read_into(&self, offset: u64, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
         let read_error = |source: std::io::Error| VolumeError::Read {
             path: self.path.clone(),
             offset,
             block: first,
             source,
         };
-        let mut buf = vec![0u8; len];
-        self.image
-            .read_exact_at(&mut buf, offset)
-            .map_err(read_error)?;
+        let len = buf.len();
+        self.image.read_exact_at(buf, offset).map_err(read_error)?;
         let mut st = self.lock();
         let TrackState { sending, spool, .. } = &mut *st;
         let Some(preserved) = sending.as_ref().map(|s| &s.preserved) else {
-            return Ok(Bytes::from(buf));
+            return Ok(());
         };
         if preserved.is_empty() {
-            return Ok(Bytes::from(buf));
+            return Ok(());
         }
         let bs = self.geometry.block_size.get() as u64;
         let mut at = 0usize;
@@ -436,14 +433,14 @@ impl ReadBlocks for EpochTracker {
             }
             at += n;
         }
-        drop(st);
-        Ok(Bytes::from(buf))
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use lifeboat_protocol::BlockSize;
 
     const BS: usize = 4096;

@@ -14,8 +14,12 @@ from collections import defaultdict
 
 results_path, floors_path = sys.argv[1], sys.argv[2]
 vals = defaultdict(list)
+fetched = defaultdict(list)
 for line in open(results_path):
     parts = line.split()
+    if len(parts) == 2 and parts[0].endswith(".fetched_digests"):
+        fetched[parts[0].split(".")[0]].append(parts[1] == "True")
+        continue
     if len(parts) == 2:
         try:
             vals[parts[0]].append(float(parts[1]))
@@ -116,6 +120,10 @@ if lb and cp:
     out.append(f"launch, s: lifeboat {lb:.2f} [{runs('launch.lifeboat')}]; cp --sparse=always + fsync {cp:.2f} [{runs('launch.cp')}]")
     add("launch_vs_cp", "launch: cp time / lifeboat launch time", f"{lb:.2f} s", f"{cp:.2f} s", cp / lb, 0.8)
 
+for phase, flags in fetched.items():
+    if any(flags):
+        out.append(f"note: {sum(flags)} of {len(flags)} timed {phase} syncs found the agent's index stale and"
+                   f" fetched the receiver's digests first")
 print("\n".join(out))
 
 floors = {}
