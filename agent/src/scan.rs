@@ -265,7 +265,7 @@ pub fn scan_volume(
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let (first, chunk) = {
+            let (first, last) = {
                 let Ok(mut next) = next.lock() else { return };
                 let first = *next;
                 if first >= total || lock(&failed).is_some() {
@@ -273,16 +273,17 @@ pub fn scan_volume(
                 }
                 let last = (first + blocks_per_chunk).min(total);
                 *next = last;
-                let bytes = (
-                    geometry.block_range(first).start,
-                    geometry.block_range(last - 1).end,
-                );
-                match read_run(volume, &geometry, (first, last), bytes, &mut buf) {
-                    Ok(chunk) => (first, chunk),
-                    Err(e) => {
-                        *lock(&failed) = Some(e);
-                        return;
-                    }
+                (first, last)
+            };
+            let bytes = (
+                geometry.block_range(first).start,
+                geometry.block_range(last - 1).end,
+            );
+            let chunk = match read_run(volume, &geometry, (first, last), bytes, &mut buf) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    *lock(&failed) = Some(e);
+                    return;
                 }
             };
             let counts = diff_chunk(
