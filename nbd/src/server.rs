@@ -335,6 +335,26 @@ where
     F: std::future::Future<Output = Done>,
 {
     use futures::{FutureExt, StreamExt};
+    send_replies(conn, first, || in_flight.next().now_or_never().flatten()).await
+}
+
+/// Sends one reply.
+async fn reply<W: AsyncWrite + Unpin>(
+    conn: &mut W,
+    handle: u64,
+    error: u32,
+    data: Option<&Bytes>,
+) -> Result<(), NbdError> {
+    send_replies(conn, (handle, error, data.cloned()), || None).await
+}
+
+/// Sends `first`, then every reply `more` yields, then flushes. Headers are
+/// gathered and written together; a read's data is written after its header.
+async fn send_replies<W: AsyncWrite + Unpin>(
+    conn: &mut W,
+    first: Done,
+    mut more: impl FnMut() -> Option<Done>,
+) -> Result<(), NbdError> {
     let during = "sending a reply";
     let mut out = BytesMut::with_capacity(proto::SIMPLE_REPLY_LEN * MAX_IN_FLIGHT);
     let mut next = Some(first);
@@ -349,30 +369,10 @@ where
                 .await
                 .map_err(|source| NbdError::Io { during, source })?;
         }
-        next = in_flight.next().now_or_never().flatten();
+        next = more();
     }
-    conn.write_all(&out)
-        .await
-        .map_err(|source| NbdError::Io { during, source })?;
-    conn.flush()
-        .await
-        .map_err(|source| NbdError::Io { during, source })
-}
-
-async fn reply<W: AsyncWrite + Unpin>(
-    conn: &mut W,
-    handle: u64,
-    error: u32,
-    data: Option<&Bytes>,
-) -> Result<(), NbdError> {
-    let mut out = BytesMut::with_capacity(proto::SIMPLE_REPLY_LEN);
-    proto::encode_simple_reply(&mut out, error, handle);
-    let during = "sending a reply";
-    conn.write_all(&out)
-        .await
-        .map_err(|source| NbdError::Io { during, source })?;
-    if let Some(data) = data {
-        conn.write_all(data)
+    if !out.is_empty() {
+        conn.write_all(&out)
             .await
             .map_err(|source| NbdError::Io { during, source })?;
     }
