@@ -99,38 +99,7 @@ for bin in "$AGENT" "$RECEIVER"; do
 done
 
 step "writing a ${SIZE_MIB} MiB source image in $WORK (64 KiB blocks: 1/3 zeros, 1/3 text-like, 1/3 random)"
-python3 - "$IMG" "$SIZE_MIB" "$SEED" <<'PY'
-import os, random, sys
-path, mib, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(seed)
-block = 64 << 10
-words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-         for _ in range(512)]
-lines, size, n = [], 0, 0
-while size < 8 << 20:
-    line = b"%010d %s\n" % (n, b" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))))
-    lines.append(line)
-    size += len(line)
-    n += 1
-pool = b"".join(lines)
-zeros = bytes(block)
-counts = [0, 0, 0]
-with open(path, "wb") as f:
-    for i in range(mib * (1 << 20) // block):
-        # Block 0 is never zeros: the timed read must fetch a chunk.
-        kind = rng.randrange(3) if i > 0 else 2
-        counts[kind] += 1
-        if kind == 0:
-            f.write(zeros)
-        elif kind == 1:
-            start = rng.randrange(len(pool) - block)
-            f.write(pool[start:start + block])
-        else:
-            f.write(b"\x01" + rng.randbytes(block - 1))  # never all zeros
-    f.flush()
-    os.fsync(f.fileno())
-print(f"blocks: {counts[0]} zero, {counts[1]} text-like, {counts[2]} random")
-PY
+python3 "$ROOT/scripts/peers/mkimage.py" "$IMG" "$SIZE_MIB" "$SEED" mixed first-random
 
 PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 step "receiver on 127.0.0.1:$PORT"

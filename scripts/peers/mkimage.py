@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Write a reproducible raw image for scripts/bench-peers.sh.
+"""Write a reproducible raw image for the bench scripts.
 
-    mkimage.py PATH MIB SEED KIND
+    mkimage.py PATH MIB SEED KIND [first-random]
 
 KIND mixed: 64 KiB blocks, each zeros, text-like or pseudo-random with
 probability 1/3 (zeros written out, like a dump of a block device).
 KIND dense: no zero blocks; text-like or pseudo-random with probability 1/2
 (so every block of a scan is really hashed).
+With first-random, block 0 is always pseudo-random (bench-serve-pit.sh: the
+timed first read must fetch a chunk).
 Prints the block counts.
 """
 import os
@@ -14,6 +16,9 @@ import random
 import sys
 
 path, mib, seed, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+first_random = sys.argv[5:] == ["first-random"]
+if sys.argv[5:] and not first_random:
+    sys.exit(f"unknown option {sys.argv[5]!r} (first-random)")
 if kind not in ("mixed", "dense"):
     sys.exit(f"unknown KIND {kind!r} (mixed or dense)")
 rng = random.Random(seed)
@@ -32,8 +37,11 @@ pool = b"".join(lines)
 zeros = bytes(block)
 counts = {"zero": 0, "text": 0, "random": 0}
 with open(path, "wb") as f:
-    for _ in range(mib * (1 << 20) // block):
-        r = rng.randrange(3) if kind == "mixed" else 1 + rng.randrange(2)
+    for i in range(mib * (1 << 20) // block):
+        if i == 0 and first_random:
+            r = 2
+        else:
+            r = rng.randrange(3) if kind == "mixed" else 1 + rng.randrange(2)
         if r == 0:
             counts["zero"] += 1
             f.write(zeros)
