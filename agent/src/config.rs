@@ -21,6 +21,7 @@
 //! block_size = "64KiB"                    # optional; block size of new replicas (4KiB..4MiB)
 //! streams = 4                             # optional; QUIC data streams per volume (1..=64)
 //! threads = 2                             # optional; hashing threads [default: the cores]
+//! compression_level = 1                   # optional; zstd level, -10 (fastest) to 19 (smallest)
 //! log_level = "info"                      # optional; a tracing filter (live on SIGHUP)
 //! log_format = "text"                     # optional; "text" or "json"
 //!
@@ -54,7 +55,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lifeboat_protocol::geometry::{format_size, parse_size};
-use lifeboat_protocol::{BlockSize, VolumeName};
+use lifeboat_protocol::{BlockSize, VolumeName, ZSTD_LEVELS};
 use serde::{Deserialize, Serialize};
 
 /// Where `install` writes the configuration, and the packaged unit reads it.
@@ -155,6 +156,8 @@ pub struct AgentConfig {
     pub streams: Option<u16>,
     /// `threads` hashing and compressing in full passes.
     pub threads: Option<usize>,
+    /// `compression_level`: the zstd level for changed blocks.
+    pub compression_level: Option<i32>,
     /// `epoch_interval`.
     pub epoch_interval: Option<Duration>,
     /// `scan_interval`.
@@ -210,6 +213,8 @@ struct RawConfig {
     streams: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression_level: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -337,6 +342,7 @@ impl AgentConfig {
             volumes: raw.volumes,
             streams: raw.streams,
             threads: raw.threads,
+            compression_level: raw.compression_level,
             scan_only: raw.scan_only,
             freeze: raw.freeze,
             resize: raw.resize,
@@ -349,6 +355,15 @@ impl AgentConfig {
         }
         if config.threads == Some(0) {
             return Err("threads = 0: must be at least 1".into());
+        }
+        if let Some(level) = config.compression_level {
+            if !ZSTD_LEVELS.contains(&level) {
+                return Err(format!(
+                    "compression_level = {level}: must be from {} to {}",
+                    ZSTD_LEVELS.start(),
+                    ZSTD_LEVELS.end()
+                ));
+            }
         }
         for (key, p) in [("bundle", &config.bundle), ("state_dir", &config.state_dir)] {
             if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -388,6 +403,10 @@ impl AgentConfig {
         diff("block_size", self.block_size != other.block_size);
         diff("streams", self.streams != other.streams);
         diff("threads", self.threads != other.threads);
+        diff(
+            "compression_level",
+            self.compression_level != other.compression_level,
+        );
         diff("log_level", self.log_level != other.log_level);
         diff("log_format", self.log_format != other.log_format);
         diff("nbd_listen", self.nbd_listen != other.nbd_listen);
@@ -413,6 +432,7 @@ impl AgentConfig {
             block_size: self.block_size.map(|b| b.to_string()),
             streams: self.streams,
             threads: self.threads,
+            compression_level: self.compression_level,
             log_level: self.log_level.clone(),
             log_format: self.log_format,
             nbd_listen: self.nbd_listen.as_ref().map(|l| l.to_string()),
@@ -432,6 +452,7 @@ impl AgentConfig {
              #   stall_after = \"60s\"   scan_only = false   freeze = false   resize = false\n\
              #   max_rate = \"50MiB/s\" (default: no cap)   block_size = \"64KiB\"   streams = 4\n\
              #   threads = 2 (default: the cores)   log_level = \"info\"   log_format = \"text\"\n\
+             #   compression_level = 1 (zstd, -10 fastest to 19 smallest)\n\
              #   resync_max_rate = \"20MiB/s\" (initial sync and rescans; default: max_rate)\n\
              #   nbd_listen = \"127.0.0.1:10809\" (serve the image files over NBD; default: off)\n\
              # SIGHUP makes the agent re-read max_rate, resync_max_rate and log_level; other\n\
@@ -594,6 +615,7 @@ max_rate = "64KB/s"
 block_size = "1MiB"
 streams = 8
 threads = 3
+compression_level = -4
 log_level = "lifeboat_agent=debug,info"
 log_format = "json"
 
@@ -624,6 +646,7 @@ name = "disk.img"
         assert_eq!(c.max_rate, Some(64 << 10));
         assert_eq!(c.block_size, Some(BlockSize::new(1 << 20).unwrap()));
         assert_eq!((c.streams, c.threads), (Some(8), Some(3)));
+        assert_eq!(c.compression_level, Some(-4));
         assert_eq!(c.log_level.as_deref(), Some("lifeboat_agent=debug,info"));
         assert_eq!(c.log_format, Some(LogFormat::Json));
         assert_eq!(c.volumes.len(), 2);
@@ -687,6 +710,13 @@ name = "disk.img"
         assert!(reason.contains("streams = 65"), "{reason}");
         let reason = invalid("threads = 0");
         assert!(reason.contains("threads"), "{reason}");
+        for level in ["compression_level = 20", "compression_level = -11"] {
+            let reason = invalid(level);
+            assert!(
+                reason.contains(level) && reason.contains("-10 to 19"),
+                "{reason}"
+            );
+        }
         // Wrong types and bad names are the parser's errors, naming the key.
         let m = syntax("streams = \"four\"");
         assert!(m.contains("streams"), "{m}");

@@ -20,7 +20,7 @@ use lifeboat_agent::state::DEFAULT_STATE_DIR;
 use lifeboat_agent::sync::{RateCap, SyncOptions, SyncSummary};
 use lifeboat_agent::volume::VolumeKind;
 use lifeboat_protocol::geometry::format_size;
-use lifeboat_protocol::{BlockSize, Bundle, VolumeName};
+use lifeboat_protocol::{BlockSize, Bundle, VolumeName, ZSTD_LEVELS};
 use lifeboat_telemetry::logs::LogControl;
 use tracing::{error, info, warn};
 
@@ -126,6 +126,11 @@ struct RunArgs {
     /// Threads hashing and compressing during full passes [default: the number of cores].
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
+    /// zstd level for changed blocks, from -10 (fastest, least compression)
+    /// to 19 (fewest bytes on the wire, most CPU) [default: 1].
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(*ZSTD_LEVELS.start() as i64..=*ZSTD_LEVELS.end() as i64))]
+    compression_level: Option<i32>,
     /// Serve Prometheus metrics at http://ADDR/metrics (TCP, e.g.
     /// 127.0.0.1:9651) [default: off].
     #[arg(long, value_name = "ADDR")]
@@ -183,6 +188,11 @@ struct SyncArgs {
     /// Threads hashing and compressing [default: the number of cores].
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
+    /// zstd level for changed blocks, from -10 (fastest, least compression)
+    /// to 19 (fewest bytes on the wire, most CPU) [default: 1].
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(*ZSTD_LEVELS.start() as i64..=*ZSTD_LEVELS.end() as i64))]
+    compression_level: Option<i32>,
     /// Once the pass is durable, ask the receiver for a point-in-time snapshot
     /// of it, and wait until the PIT is stored (its id is printed).
     #[arg(long)]
@@ -348,7 +358,10 @@ impl Reloader {
 fn run_sync(args: SyncArgs, config_path: Option<&Path>, file: &AgentConfig) -> anyhow::Result<()> {
     let volume = sync_volume(&args, config_path, file)?;
     let bundle = load_bundle(&bundle_path(args.bundle.clone(), file)?)?;
-    let scan = scan_options(args.threads.or(file.threads));
+    let scan = scan_options(
+        args.threads.or(file.threads),
+        args.compression_level.or(file.compression_level),
+    );
     let opts = SyncOptions {
         bundle,
         volume_path: volume.path,
@@ -488,7 +501,10 @@ fn run_continuous(
 ) -> anyhow::Result<()> {
     let volumes = run_volumes(&args, config_path.as_deref(), &file)?;
     let bundle = load_bundle(&bundle_path(args.bundle.clone(), &file)?)?;
-    let scan = scan_options(args.threads.or(file.threads));
+    let scan = scan_options(
+        args.threads.or(file.threads),
+        args.compression_level.or(file.compression_level),
+    );
     let rate = RateCap::new(args.max_rate.or(file.max_rate));
     let resync_rate = RateCap::new(args.resync_max_rate.or(file.resync_max_rate));
     let state_dir = state_dir(args.state_dir.clone(), &file);
@@ -727,10 +743,13 @@ fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {
     Bundle::from_toml(&text).with_context(|| format!("bundle {} is unusable", path.display()))
 }
 
-fn scan_options(threads: Option<usize>) -> ScanOptions {
+fn scan_options(threads: Option<usize>, compression_level: Option<i32>) -> ScanOptions {
     let mut scan = ScanOptions::default();
     if let Some(t) = threads {
         scan.threads = t.max(1);
+    }
+    if let Some(level) = compression_level {
+        scan.zstd_level = level;
     }
     scan
 }

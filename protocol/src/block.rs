@@ -21,6 +21,9 @@ use crate::hash::{is_all_zero, BlockHash};
 
 /// zstd level used by default: level 1 keeps up with a fast disk on one core.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// The zstd levels an agent may be set to. Negative levels trade ratio for
+/// speed; above 19 zstd's "ultra" levels need far more memory per context.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = -10..=19;
 
 /// How a block's payload is encoded on the wire (one byte in a `Block` frame).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -25,7 +25,9 @@ pub use bundle::Bundle;
 pub use geometry::{BlockIndex, BlockSize, VolumeGeometry};
 pub use names::{ServerName, VolumeName};
 
-pub use block::{BlockDecodeError, BlockDecoder, BlockEncoder, Encoding, DEFAULT_ZSTD_LEVEL};
+pub use block::{
+    BlockDecodeError, BlockDecoder, BlockEncoder, Encoding, DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS,
+};
 pub use codec::{check, encode, parse, FrameDecoder, FrameError};
 pub use frame::{
     check_pit_label, AgentStatus, BlockFrame, BlockRange, Frame, Hello, PitOutcome, Reject,

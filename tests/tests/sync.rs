@@ -180,3 +180,63 @@ fn geometry_change_needs_resize() {
     assert_eq!(field_u64(&re, "blocks"), new_len / 4096, "{re}");
     assert_identical(&image.path, &staging);
 }
+
+/// `--compression-level` reaches the encoder: a higher level sends fewer
+/// bytes for the same data, both replicas are exact, and levels outside
+/// zstd's usable range are refused before anything is sent.
+#[test]
+fn compression_level_trades_cpu_for_bytes_on_the_wire() {
+    let rx = Receiver::start();
+    let image = write_mixed_image(&rx.image_path("levels"), 256, BLOCK, 0x5eed_0201);
+    let sent_at = |level: &str, name: &str| {
+        let out = run_sync(
+            &rx.bundle,
+            &image.path,
+            name,
+            &rx.agent_state(name),
+            &[&format!("--compression-level={level}")],
+        )
+        .json();
+        assert_identical(&image.path, &rx.staging(name));
+        assert_eq!(
+            field_u64(&out, "changed_blocks"),
+            image.nonzero_blocks(),
+            "{out}"
+        );
+        field_u64(&out, "sent_bytes")
+    };
+    let fastest = sent_at("-10", "fastest");
+    let smaller = sent_at("9", "smaller");
+    let default = run_sync(
+        &rx.bundle,
+        &image.path,
+        "default",
+        &rx.agent_state("default"),
+        &[],
+    )
+    .json();
+    let default = field_u64(&default, "sent_bytes");
+    assert!(
+        smaller < default && default < fastest,
+        "sent bytes at level 9 {smaller}, default (1) {default}, -10 {fastest}"
+    );
+
+    for bad in ["20", "-11", "fast"] {
+        let out = run_sync(
+            &rx.bundle,
+            &image.path,
+            "refused",
+            &rx.agent_state("refused"),
+            &["--compression-level", bad],
+        );
+        let err = out.expect_failure();
+        assert!(
+            err.contains("--compression-level") && err.contains(bad),
+            "the error names the flag and the value {bad}:\n{err}"
+        );
+    }
+    assert!(
+        !rx.staging("refused").exists(),
+        "a refused level creates no replica"
+    );
+}
