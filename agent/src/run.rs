@@ -408,13 +408,34 @@ impl Drop for BackgroundTracker {
     }
 }
 
-/// The dirty set: block → when its first unreplicated write was seen.
-#[derive(Default)]
+/// The dirty set: one bit per block, the number of blocks set, and when the
+/// oldest unreplicated write among them was seen. Lag needs only that oldest
+/// time and the backlog only the count, so the set costs one bit per block of
+/// the volume (2 MiB for 1 TiB of 64 KiB blocks) however much of it is dirty,
+/// where a map kept tens of bytes per dirty block.
+#[derive(Default, Debug)]
 struct DirtySet {
-    blocks: BTreeMap<u64, Instant>,
+    /// Bit `b % 64` of word `b / 64` is block `b`; grown on demand.
+    words: Vec<u64>,
+    len: u64,
+    oldest: Option<Instant>,
 }
 
 impl DirtySet {
+    /// Marks `block` dirty since `seen` (a block already dirty keeps its
+    /// earlier time).
+    fn insert(&mut self, block: u64, seen: Instant) {
+        let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+        if self.words.len() <= word {
+            self.words.resize(word + 1, 0);
+        }
+        if self.words[word] & bit == 0 {
+            self.words[word] |= bit;
+            self.len += 1;
+        }
+        self.oldest = Some(self.oldest.map_or(seen, |o| o.min(seen)));
+    }
+
     fn mark_ranges(
         &mut self,
         ranges: &[(u64, u64)],
@@ -427,22 +448,68 @@ impl DirtySet {
                 continue;
             }
             let first = offset / block_size;
-            let last = (offset.saturating_add(len) - 1) / block_size;
-            for b in first..=last.min(block_count.saturating_sub(1)) {
-                self.blocks.entry(b).or_insert(now);
+            let last =
+                ((offset.saturating_add(len) - 1) / block_size).min(block_count.saturating_sub(1));
+            // Grown once per range, to exactly the words it needs.
+            let words = (last / 64 + 1) as usize;
+            if first <= last && self.words.len() < words {
+                self.words.resize(words, 0);
+            }
+            for b in first..=last {
+                self.insert(b, now);
             }
         }
     }
 
-    fn merge(&mut self, other: BTreeMap<u64, Instant>) {
-        for (b, t) in other {
-            let slot = self.blocks.entry(b).or_insert(t);
-            *slot = (*slot).min(t);
+    /// Adds every block of `other`, keeping the older of the two times.
+    fn merge(&mut self, other: DirtySet) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
         }
+        for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
+            self.len += u64::from((theirs & !*mine).count_ones());
+            *mine |= theirs;
+        }
+        self.oldest = match (self.oldest, other.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     fn oldest(&self) -> Option<Instant> {
-        self.blocks.values().min().copied()
+        self.oldest
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn clear(&mut self) {
+        *self = DirtySet::default();
+    }
+
+    /// The dirty blocks in ascending order.
+    fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let bit = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    i as u64 * 64 + u64::from(bit)
+                })
+            })
+        })
+    }
+
+    /// Bytes this set holds on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        self.words.capacity() * std::mem::size_of::<u64>()
     }
 }
 
@@ -522,7 +589,7 @@ async fn replicate_volume(
             let now = Instant::now();
             for b in blocks {
                 if geometry.contains(b) {
-                    dirty.blocks.insert(b, now);
+                    dirty.insert(b, now);
                 }
             }
         }
@@ -641,7 +708,7 @@ async fn replicate_volume(
             let now = Instant::now();
             for b in recheck {
                 if geometry.contains(b) {
-                    dirty.blocks.entry(b).or_insert(now);
+                    dirty.insert(b, now);
                 }
             }
         }
@@ -670,7 +737,7 @@ async fn replicate_volume(
                     last_scan = Instant::now() - ro.scan_interval;
                     if tracking.tracker.is_some() {
                         // Tracked volumes retry the rescan at the next tick.
-                        dirty.blocks.clear();
+                        dirty.clear();
                         force_rescan = true;
                     }
                 }
@@ -679,22 +746,22 @@ async fn replicate_volume(
             continue;
         }
         let lag = dirty.oldest().map_or(Duration::ZERO, |o| o.elapsed());
-        let state = replication_state(!dirty.blocks.is_empty(), last_durable, lag, &ro);
+        let state = replication_state(!dirty.is_empty(), last_durable, lag, &ro);
         // With --freeze, what the last thaw wrote (ext4 marks its superblock
         // as mounted again) waits for the next real write and goes in that
         // frozen epoch: the replica keeps the clean frozen image meanwhile,
         // and an idle filesystem is not frozen and thawed for ever.
         let settled = freeze_at.is_some() && only_thaw_writes;
-        if dirty.blocks.is_empty() || settled {
+        if dirty.is_empty() || settled {
             last_durable = Instant::now();
         }
-        if dirty.blocks.is_empty() || settled || last_epoch.elapsed() < ro.epoch_interval {
+        if dirty.is_empty() || settled || last_epoch.elapsed() < ro.epoch_interval {
             if last_status.elapsed() >= Duration::from_secs(1) {
                 last_status = Instant::now();
                 let (oldest, backlog) = if settled {
                     (None, 0)
                 } else {
-                    (dirty.oldest(), dirty.blocks.len() as u64 * bs)
+                    (dirty.oldest(), dirty.len() * bs)
                 };
                 let state = if settled {
                     ReplicationState::Continuous
@@ -723,7 +790,7 @@ async fn replicate_volume(
         if freeze_now && freeze_at.is_some() {
             // Never freeze while the receiver is away (the freeze would last
             // until it came back), nor for more dirty data than a short read.
-            let dirty_bytes = dirty.blocks.len() as u64 * bs;
+            let dirty_bytes = dirty.len() * bs;
             if dirty_bytes > MAX_FROZEN_READ {
                 warn!(
                     dirty_bytes,
@@ -764,9 +831,9 @@ async fn replicate_volume(
                 }
             }
         }
-        let mut taken = std::mem::take(&mut dirty.blocks);
-        let oldest = taken.values().min().copied();
-        let block_list: Vec<u64> = taken.keys().copied().collect();
+        let mut taken = std::mem::take(&mut dirty);
+        let oldest = taken.oldest();
+        let block_list: Vec<u64> = taken.blocks().collect();
         let producer = match frozen {
             Some(f) => {
                 let prepared = rep.prepare_blocks(&block_list);
@@ -783,7 +850,7 @@ async fn replicate_volume(
                             }
                             dirty.mark_ranges(&ranges, bs, geometry.block_count(), last_drain);
                             last_drain = Instant::now();
-                            only_thaw_writes = !dirty.blocks.is_empty();
+                            only_thaw_writes = !dirty.is_empty();
                         }
                         Producer::Prepared(p)
                     }
@@ -818,7 +885,7 @@ async fn replicate_volume(
                                 "writes kept racing the epoch's reads; this epoch may not be crash-consistent"
                             );
                             for b in deferred {
-                                dirty.blocks.entry(b).or_insert(last_drain);
+                                dirty.insert(b, last_drain);
                             }
                         }
                         last_drain = Instant::now();
@@ -950,7 +1017,7 @@ fn consistent_read(
     rep: &Replicator,
     tracker: &mut BackgroundTracker,
     blocks: &[u64],
-    taken: &mut BTreeMap<u64, Instant>,
+    taken: &mut DirtySet,
     stamp: Instant,
     block_size: u64,
     block_count: u64,
@@ -976,14 +1043,12 @@ fn consistent_read(
         }
         let mut again = DirtySet::default();
         again.mark_ranges(&ranges, block_size, block_count, stamp);
-        if again.blocks.is_empty() {
+        if again.is_empty() {
             converged = true;
             break;
         }
-        for (b, t) in &again.blocks {
-            taken.entry(*b).or_insert(*t);
-        }
-        to_read = again.blocks.into_keys().collect();
+        to_read = again.blocks().collect();
+        taken.merge(again);
     }
     // Blocks written during the last round, if it did not converge, are read
     // again by the next epoch.
@@ -1166,7 +1231,7 @@ fn save_stop_record(
     let record = StopRecord {
         boot_id: boot_id(),
         device_writes,
-        dirty: dirty.blocks.keys().copied().collect(),
+        dirty: dirty.blocks().collect(),
     };
     let write = serde_json::to_vec(&record)
         .map_err(anyhow::Error::new)
@@ -1195,13 +1260,10 @@ mod tests {
             10,
             now,
         );
-        assert_eq!(
-            d.blocks.keys().copied().collect::<Vec<_>>(),
-            vec![0, 1, 2, 9]
-        );
+        assert_eq!(d.blocks().collect::<Vec<_>>(), vec![0, 1, 2, 9]);
         // Writes past the end of the volume are clamped.
         d.mark_ranges(&[(65536 * 20, 10)], 65536, 10, now);
-        assert_eq!(d.blocks.len(), 4);
+        assert_eq!(d.len(), 4);
     }
 
     #[test]
@@ -1209,9 +1271,83 @@ mod tests {
         let mut d = DirtySet::default();
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(1);
-        d.blocks.insert(1, t1);
-        d.merge(BTreeMap::from([(1, t0), (2, t1)]));
-        assert_eq!(d.blocks[&1], t0);
+        d.insert(1, t1);
+        let mut other = DirtySet::default();
+        other.insert(1, t0);
+        other.insert(200, t1);
+        d.merge(other);
         assert_eq!(d.oldest(), Some(t0));
+        assert_eq!(d.blocks().collect::<Vec<_>>(), vec![1, 200]);
+        assert_eq!(d.len(), 2);
+    }
+
+    /// The bitmap set answers like a map of block → first-seen time under a
+    /// seeded mix of inserts, range marks, merges, takes and clears.
+    #[test]
+    fn dirty_set_matches_a_map_model() {
+        let t0 = Instant::now();
+        let mut seed = 0x5eed_00d1_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let count = 5000u64;
+        let mut set = DirtySet::default();
+        let mut model: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut taken: Option<(DirtySet, BTreeMap<u64, Instant>)> = None;
+        for step in 0..20_000u64 {
+            let now = t0 + Duration::from_millis(step);
+            match next() % 100 {
+                0..=59 => {
+                    let b = next() % count;
+                    set.insert(b, now);
+                    model.entry(b).or_insert(now);
+                }
+                60..=84 => {
+                    let (off, len) = (next() % (count * 4096), next() % (64 * 4096));
+                    set.mark_ranges(&[(off, len)], 4096, count, now);
+                    if len > 0 {
+                        let last = ((off + len - 1) / 4096).min(count - 1);
+                        for b in off / 4096..=last {
+                            model.entry(b).or_insert(now);
+                        }
+                    }
+                }
+                85..=92 => match taken.take() {
+                    None => taken = Some((std::mem::take(&mut set), std::mem::take(&mut model))),
+                    Some((s, m)) => {
+                        set.merge(s);
+                        for (b, t) in m {
+                            let slot = model.entry(b).or_insert(t);
+                            *slot = (*slot).min(t);
+                        }
+                    }
+                },
+                93 => {
+                    set.clear();
+                    model.clear();
+                }
+                _ => {}
+            }
+            assert_eq!(set.len(), model.len() as u64, "step {step}");
+            assert_eq!(set.oldest(), model.values().min().copied(), "step {step}");
+            if step % 500 == 0 {
+                assert!(set.blocks().eq(model.keys().copied()), "step {step}");
+            }
+        }
+    }
+
+    /// Memory per dirty block: a fully dirty 1 TiB volume of 64 KiB blocks
+    /// (16 Mi blocks) costs the bitmap alone, 2 MiB.
+    #[test]
+    fn a_fully_dirty_terabyte_costs_two_mebibytes() {
+        let blocks = (1u64 << 40) / 65536;
+        let mut d = DirtySet::default();
+        d.mark_ranges(&[(0, 1 << 40)], 65536, blocks, Instant::now());
+        assert_eq!(d.len(), blocks);
+        assert_eq!(d.heap_bytes(), 2 << 20);
+        assert_eq!(d.blocks().count() as u64, blocks);
     }
 }
