@@ -22,6 +22,12 @@
 #            is in wire bytes; it is turned into source bytes with Lifeboat's
 #            own source/sent ratio of that sync.
 #            Goal: Lifeboat >= 0.8x the lower bound (source bytes per second).
+#            For context (not a goal): dd of the same image to a file on the
+#            receiver's filesystem with conv=sparse,fdatasync, the rate its disk
+#            makes the data durable at. Also, on machines with 2 or more CPUs, the same sync with the agent
+#            pinned to CPU 0 and the receiver to CPU 1 (taskset), against
+#            `zstd -1 -T1` pinned to CPU 0: per core, with the receiver off the
+#            agent's core as in a real deployment (ratio initial_1core_vs_zstd).
 #   scan     a sync of an unchanged image with the agent's index present (it
 #            reads, hashes and compares every block, sends nothing), with
 #            --threads 1 and --threads 2, against `b3sum --num-threads 1 FILE`
@@ -228,7 +234,7 @@ start_receiver() {
     "$RECEIVER" init --dir "$dir" --listen "127.0.0.1:$port" >/dev/null
     printf 'metrics_listen = "off"\n' | cat - "$dir/receiver.toml" >"$dir/r.toml" && mv "$dir/r.toml" "$dir/receiver.toml"
     "$RECEIVER" enroll --dir "$dir" --server web-1 --out "$dir/web-1.bundle" >/dev/null
-    "$RECEIVER" serve --dir "$dir" >"$dir.out" 2>"$dir.log" &
+    ${RX_PIN:-} "$RECEIVER" serve --dir "$dir" >"$dir.out" 2>"$dir.log" &
     RX_PID=$!
     PIDS+=("$RX_PID")
     for _ in $(seq 1 100); do
@@ -253,7 +259,7 @@ agent_sync() {
     shift 5
     t0=$EPOCHREALTIME
     /usr/bin/time -f '%e %U %S %M' -o "$WORK/$tag.time" \
-        "$AGENT" sync --bundle "$dir/web-1.bundle" --volume "$vol" --name "$name" \
+        ${AGENT_PIN:-} "$AGENT" sync --bundle "$dir/web-1.bundle" --volume "$vol" --name "$name" \
         --state-dir "$state" --json "$@" >"$WORK/$tag.json" 2>>"$WORK/agent.log" ||
         { echo "sync $tag failed:" >&2; tail -20 "$WORK/agent.log" >&2; exit 1; }
     t1=$EPOCHREALTIME
@@ -433,32 +439,55 @@ if want initial; then
             "$WORK/iperf3.json" || { echo "iperf3 failed:" >&2; cat "$WORK/iperf3.json" >&2; exit 1; }
     }
     step "initial sync: $ROUNDS rounds, each into a new receiver; bounds zstd -1 -T2 and UDP (-l $UDP_LEN) (${CACHE} page cache)"
+    members=(lifeboat zstd udp disk)
+    if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then members+=(pinned zstd_1t); fi
     for r in $(seq 1 "$ROUNDS"); do
         line="round $r:"
-        for m in $(order "$r" lifeboat zstd udp); do
+        for m in $(order "$r" "${members[@]}"); do
             case $m in
-                lifeboat)
-                    start_receiver "$WORK/fresh"
+                lifeboat | pinned)
+                    # pinned: the agent on CPU 0, the receiver on CPU 1.
+                    pin_rx="" pin_agent=""
+                    [ "$m" = pinned ] && pin_rx="taskset -c 1" pin_agent="taskset -c 0"
+                    tag="$m-$r"
+                    RX_PIN=$pin_rx start_receiver "$WORK/fresh"
                     prepare "$MIXED"
-                    t=$(agent_sync "initial-$r" "$WORK/fresh" "$MIXED" mixed "$WORK/state-fresh")
+                    t=$(AGENT_PIN=$pin_agent agent_sync "$tag" "$WORK/fresh" "$MIXED" mixed "$WORK/state-fresh")
                     stop_receiver "$RX_PID"
-                    cmp "$MIXED" "$WORK/fresh/staging/web-1/mixed.img" || { echo "lifeboat: staging differs from the source" >&2; exit 1; }
-                    record initial.sent_bytes "$(json_field "$WORK/initial-$r.json" sent_bytes)"
-                    record initial.agent_cpu "$(cpu_of "$WORK/initial-$r.time")"
-                    record initial.agent_rss_kib "$(rss_of "$WORK/initial-$r.time")"
-                    if [ -f "$WORK/state-fresh/web-1/mixed.index" ]; then
-                        record index.bytes "$(stat -c %s "$WORK/state-fresh/web-1/mixed.index")"
-                        record index.blocks "$BLOCKS"
+                    cmp "$MIXED" "$WORK/fresh/staging/web-1/mixed.img" || { echo "lifeboat ($m): staging differs from the source" >&2; exit 1; }
+                    if [ "$m" = lifeboat ]; then
+                        record initial.sent_bytes "$(json_field "$WORK/$tag.json" sent_bytes)"
+                        record initial.agent_cpu "$(cpu_of "$WORK/$tag.time")"
+                        record initial.agent_rss_kib "$(rss_of "$WORK/$tag.time")"
+                        if [ -f "$WORK/state-fresh/web-1/mixed.index" ]; then
+                            record index.bytes "$(stat -c %s "$WORK/state-fresh/web-1/mixed.index")"
+                            record index.blocks "$BLOCKS"
+                        fi
                     fi
                     rm -rf "$WORK/fresh" "$WORK/state-fresh"
-                    record initial.lifeboat "$t"
-                    line+=" lifeboat $t s;"
+                    record "initial.$m" "$t"
+                    line+=" $m $t s;"
                     ;;
                 zstd)
                     prepare "$MIXED"
                     t=$(timed sh -c 'zstd -q -1 -T2 -c "$1" >/dev/null' sh "$MIXED")
                     record initial.zstd "$t"
                     line+=" zstd $t s;"
+                    ;;
+                zstd_1t)
+                    prepare "$MIXED"
+                    t=$(timed taskset -c 0 sh -c 'zstd -q -1 -T1 -c "$1" >/dev/null' sh "$MIXED")
+                    record initial.zstd_1t "$t"
+                    line+=" zstd -T1 (cpu 0) $t s;"
+                    ;;
+                disk)
+                    # What the receiver's disk absorbs: the image's non-zero
+                    # blocks written and made durable, as the staging volume is.
+                    prepare "$MIXED"
+                    t=$(timed dd if="$MIXED" of="$WORK/disk.img" bs=1M conv=sparse,fdatasync status=none)
+                    rm -f "$WORK/disk.img"
+                    record initial.disk "$t"
+                    line+=" dd $t s;"
                     ;;
                 udp)
                     b=$(udp_bound)
