@@ -34,6 +34,7 @@ ROUNDS=${ROUNDS:-4}
 SEED=${SEED:-1}
 read -r -a EXTRA <<<"${AGENT_ARGS:-}"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
 
 declare -A AGENTS RECEIVERS
@@ -70,7 +71,7 @@ start_receiver() {
     local label=$1 dir=$2 port
     local rx=${RECEIVERS[$label]}
     if [ ! -f "$dir/receiver.toml" ]; then
-        port=$(python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+        port=$(free_port SOCK_DGRAM)
         "$rx" init --dir "$dir" --listen "127.0.0.1:$port" >/dev/null
         printf 'metrics_listen = "off"\n' | cat - "$dir/receiver.toml" >"$dir/r.toml" && mv "$dir/r.toml" "$dir/receiver.toml"
         "$rx" enroll --dir "$dir" --server web-1 --out "$dir/web-1.bundle" >/dev/null 2>&1
@@ -78,11 +79,7 @@ start_receiver() {
     : >"$dir.out"
     "$rx" serve --dir "$dir" >"$dir.out" 2>"$dir.log" &
     RX_PID=$!
-    for _ in $(seq 1 100); do
-        grep -q "listening on" "$dir.out" 2>/dev/null && break
-        sleep 0.1
-    done
-    grep -q "listening on" "$dir.out" || { echo "$label: receiver did not start:" >&2; cat "$dir.log" >&2; exit 1; }
+    wait_listening "$dir.out" "$dir.log" "$label" || exit 1
 }
 stop_receiver() {
     kill -9 "$RX_PID" 2>/dev/null || true

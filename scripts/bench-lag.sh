@@ -38,6 +38,7 @@ for tool in losetup jq python3; do
 done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
 WORK=$(mktemp -d -t lifeboat-bench-lag.XXXXXX)
 AGENT="$ROOT/target/release/lifeboat-agent"
@@ -92,17 +93,13 @@ truncate -s "${SIZE_MIB}M" "$WORK/source.img"
 LOOP=$(losetup -f --show "$WORK/source.img")
 echo "source: $LOOP"
 
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port SOCK_DGRAM)
 step "receiver on 127.0.0.1:$PORT"
 "$RECEIVER" init --dir "$D" --listen "127.0.0.1:$PORT" >/dev/null
 "$RECEIVER" enroll --dir "$D" --server web-1 --out "$WORK/web-1.bundle" >/dev/null
 "$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 RECEIVER_PID=$!
-for _ in $(seq 1 100); do
-    grep -q "listening on" "$WORK/receiver.out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "listening on" "$WORK/receiver.out" || { echo "receiver did not start:"; cat "$WORK/receiver.log"; exit 1; }
+wait_listening "$WORK/receiver.out" "$WORK/receiver.log" || exit 1
 
 step "agent: run --epoch-interval $EPOCH_INTERVAL"
 "$AGENT" run --bundle "$WORK/web-1.bundle" --volume "$LOOP" --name data \

@@ -49,6 +49,7 @@ if [ $((COUNT * 64)) -gt $((SIZE_MIB * 1024)) ]; then
 fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
 if [ -n "${WORK:-}" ]; then
     mkdir "$WORK"
@@ -86,10 +87,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.$1); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-}
 
 if [ "${SKIP_BUILD:-0}" = 1 ]; then
     step "using the release binaries already built (SKIP_BUILD=1)"

@@ -80,6 +80,7 @@ UDP_SECONDS=${UDP_SECONDS:-5}
 BDSYNC_OPTS=${BDSYNC_OPTS:---blocksize=65536}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 PEERS="$ROOT/scripts/peers"
 FLOORS=${FLOORS:-$ROOT/scripts/bench-peers.floors}
 export NO_COLOR=1
@@ -202,9 +203,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.$1); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-}
 record() { echo "$1 $2" >>"$RESULTS"; }
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
@@ -237,11 +235,7 @@ start_receiver() {
     ${RX_PIN:-} "$RECEIVER" serve --dir "$dir" >"$dir.out" 2>"$dir.log" &
     RX_PID=$!
     PIDS+=("$RX_PID")
-    for _ in $(seq 1 100); do
-        grep -q "listening on" "$dir.out" 2>/dev/null && break
-        sleep 0.1
-    done
-    grep -q "listening on" "$dir.out" || { echo "receiver did not start:"; cat "$dir.log"; exit 1; }
+    wait_listening "$dir.out" "$dir.log" || exit 1
 }
 # Stops one process started here and forgets it.
 stop_receiver() {
@@ -346,7 +340,11 @@ EOF
     if [ -n "$BDSYNC" ]; then cp "$DENSE" "$BDST"; fi
 
     lifeboat_resync() { agent_sync "resync-$r" "$D" "$DENSE" dense "$WORK/state-dense"; }
-    rsync_resync() { rsync --inplace --no-whole-file --stats "$DENSE" "$RURL" && sync "$RDST/dense.img"; }
+    # --ignore-times: rsync's quick check (same size and mtime to the second)
+    # would skip the file when a small image is changed within the second of
+    # the last copy; a changed image on a real server always has a newer
+    # mtime, so rsync does the same delta transfer either way.
+    rsync_resync() { rsync --inplace --no-whole-file --ignore-times --stats "$DENSE" "$RURL" && sync "$RDST/dense.img"; }
     bdsync_resync() {
         "$BDSYNC" $BDSYNC_OPTS "$BDSYNC --server" "$DENSE" "$BDST" | "$BDSYNC" --patch="$BDST" && sync "$BDST"
     }

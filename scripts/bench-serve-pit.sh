@@ -49,6 +49,7 @@ else
 fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
 if [ -n "${WORK:-}" ]; then
     mkdir "$WORK"
@@ -101,17 +102,13 @@ done
 step "writing a ${SIZE_MIB} MiB source image in $WORK (64 KiB blocks: 1/3 zeros, 1/3 text-like, 1/3 random)"
 python3 "$ROOT/scripts/peers/mkimage.py" "$IMG" "$SIZE_MIB" "$SEED" mixed first-random
 
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port SOCK_DGRAM)
 step "receiver on 127.0.0.1:$PORT"
 "$RECEIVER" init --dir "$D" --listen "127.0.0.1:$PORT" >/dev/null
 "$RECEIVER" enroll --dir "$D" --server web-1 --out "$WORK/web-1.bundle" >/dev/null
 "$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 RECEIVER_PID=$!
-for _ in $(seq 1 100); do
-    grep -q "listening on" "$WORK/receiver.out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "listening on" "$WORK/receiver.out" || { echo "receiver did not start:"; cat "$WORK/receiver.log"; exit 1; }
+wait_listening "$WORK/receiver.out" "$WORK/receiver.log" || exit 1
 
 step "agent: sync --pit"
 t0=$EPOCHREALTIME

@@ -25,6 +25,7 @@ for tool in jq python3; do
     command -v "$tool" >/dev/null || { echo "bench-throttle.sh needs $tool" >&2; exit 1; }
 done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
 WORK=$(mktemp -d -t lifeboat-bench-throttle.XXXXXX)
 AGENT="$ROOT/target/release/lifeboat-agent"
@@ -47,12 +48,12 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     (cd "$ROOT" && cargo build --release --bins -p lifeboat-agent -p lifeboat-receiver)
 fi
 
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port SOCK_DGRAM)
 "$RECEIVER" init --dir "$D" --listen "127.0.0.1:$PORT" >/dev/null
 "$RECEIVER" enroll --dir "$D" --server bench --out "$WORK/bench.bundle" >/dev/null
 "$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 RECEIVER_PID=$!
-for _ in $(seq 1 100); do grep -q "listening on" "$WORK/receiver.out" 2>/dev/null && break; sleep 0.1; done
+wait_listening "$WORK/receiver.out" "$WORK/receiver.log" || exit 1
 
 # sync_at NAME MIB [AGENT ARGS...]: prints "bytes seconds".
 sync_at() {

@@ -10,6 +10,7 @@ set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-256}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/lib.sh"
 WORK=${WORK:-$(mktemp -d -t lifeboat-quickstart.XXXXXX)}
 mkdir -p "$WORK"
 
@@ -40,7 +41,7 @@ with open(path, "wb") as f:
 PY
 
 # A free UDP port on loopback for the receiver.
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port SOCK_DGRAM)
 
 step "receiver: init and enroll source server web-1"
 "$RECEIVER" init --dir "$WORK/receiver" --listen "127.0.0.1:$PORT"
@@ -50,11 +51,7 @@ step "receiver: serve (logs in $WORK/receiver.log)"
 "$RECEIVER" serve --dir "$WORK/receiver" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 RECEIVER_PID=$!
 trap 'kill $RECEIVER_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-    grep -q "listening on" "$WORK/receiver.out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "listening on" "$WORK/receiver.out" || { echo "receiver did not start:"; cat "$WORK/receiver.log"; exit 1; }
+wait_listening "$WORK/receiver.out" "$WORK/receiver.log" || exit 1
 
 sync_once() {
     "$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$VOL" --name data --state-dir "$WORK/agent-state" "$@"
