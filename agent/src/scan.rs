@@ -384,6 +384,56 @@ pub fn scan_blocks(
     stop: &AtomicBool,
     out: &tokio::sync::mpsc::Sender<ChangedBlock>,
 ) -> Result<(), VolumeError> {
+    read_listed(volume, geometry, blocks, true, opts, stats, stop, |block| {
+        out.blocking_send(block).is_ok()
+    })
+}
+
+/// Reads and encodes the listed blocks (sorted by index) again, changed or
+/// not: the blocks a lost connection took with it, so they are resent as the
+/// volume holds them now instead of being kept in memory until the receiver
+/// makes them durable. Runs on the calling thread.
+pub fn reread_blocks(
+    volume: &dyn ReadBlocks,
+    geometry: VolumeGeometry,
+    blocks: &[u64],
+    opts: &ScanOptions,
+) -> Result<Vec<ChangedBlock>, VolumeError> {
+    let listed: Vec<(u64, BlockHash)> = blocks.iter().map(|&b| (b, BlockHash::UNKNOWN)).collect();
+    let mut read = Vec::with_capacity(blocks.len());
+    let stats = ScanStats::default();
+    let stop = AtomicBool::new(false);
+    read_listed(
+        volume,
+        geometry,
+        &listed,
+        false,
+        opts,
+        &stats,
+        &stop,
+        |block| {
+            read.push(block);
+            true
+        },
+    )?;
+    Ok(read)
+}
+
+/// The loop of [`scan_blocks`] and [`reread_blocks`]: reads runs of
+/// consecutive listed blocks with one call each and hands every block whose
+/// digest differs from its reference (every block, unless `compare`) to
+/// `emit`, which returns false to stop.
+#[allow(clippy::too_many_arguments)]
+fn read_listed(
+    volume: &dyn ReadBlocks,
+    geometry: VolumeGeometry,
+    blocks: &[(u64, BlockHash)],
+    compare: bool,
+    opts: &ScanOptions,
+    stats: &ScanStats,
+    stop: &AtomicBool,
+    mut emit: impl FnMut(ChangedBlock) -> bool,
+) -> Result<(), VolumeError> {
     let bs = geometry.block_size.bytes();
     let zero_digest = zero_hash(bs);
     let mut encoder = BlockEncoder::new(opts.zstd_level);
@@ -409,9 +459,13 @@ pub fn scan_blocks(
             (start, end),
             &mut buf,
         )?;
-        // diff_chunk indexes the reference from the run's first block.
-        let reference: Vec<BlockHash> = blocks[i..j].iter().map(|(_, d)| *d).collect();
-        let mut failed = false;
+        // diff_chunk indexes the reference from the run's first block; an
+        // empty reference matches no block.
+        let reference: Vec<BlockHash> = match compare {
+            true => blocks[i..j].iter().map(|(_, d)| *d).collect(),
+            false => Vec::new(),
+        };
+        let mut stopped = false;
         let counts = diff_chunk(
             &geometry,
             0,
@@ -420,14 +474,13 @@ pub fn scan_blocks(
             &zero_digest,
             |rel, digest, bytes, zero| {
                 let index = first + rel;
-                let block = encode_changed(&mut encoder, index, digest, bytes, zero);
-                if out.blocking_send(block).is_err() {
-                    failed = true;
+                if !stopped && !emit(encode_changed(&mut encoder, index, digest, bytes, zero)) {
+                    stopped = true;
                 }
             },
         );
         stats.add(counts, chunk.len() as u64);
-        if failed {
+        if stopped {
             return Ok(());
         }
         i = j;
@@ -467,6 +520,106 @@ mod tests {
             vec![(2, 4096, true), (3, 4096, true), (4, 100, false)]
         );
         assert_eq!(changed[2].1, BlockHash::of(&data[4 * 4096..]));
+    }
+
+    /// A volume in memory that counts its reads.
+    #[derive(Debug)]
+    struct MemVolume(Vec<u8>, AtomicU64);
+
+    impl ReadBlocks for MemVolume {
+        fn read_into(&self, offset: u64, buf: &mut [u8], _: u64) -> Result<(), VolumeError> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn listed_blocks_are_read_in_runs_and_reread_whatever_the_reference() {
+        // Nine 4 KiB blocks and a short last one: text, zeros and noise.
+        let bs = 4096;
+        let g = VolumeGeometry::new(9 * bs + 500, BlockSize::new(bs).unwrap()).unwrap();
+        let mut data = vec![0u8; g.volume_bytes as usize];
+        for (i, block) in data.chunks_mut(bs as usize).enumerate() {
+            match i % 3 {
+                0 => block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = b"lifeboat "[j % 9]),
+                1 => {}
+                _ => block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j * 7919 + i * 31) as u8 ^ (j >> 5) as u8),
+            }
+        }
+        let volume = MemVolume(data.clone(), AtomicU64::new(0));
+        let digest = |b: u64| {
+            BlockHash::of(&data[g.block_range(b).start as usize..g.block_range(b).end as usize])
+        };
+        let listed = [0u64, 1, 2, 5, 6, 7, 9];
+        let opts = ScanOptions {
+            threads: 1,
+            chunk_bytes: 2 * bs as usize,
+            zstd_level: 1,
+        };
+
+        // Compared: blocks 1 and 6 match their reference and are left out.
+        let reference: Vec<(u64, BlockHash)> = listed
+            .iter()
+            .map(|&b| {
+                (
+                    b,
+                    if b == 1 || b == 6 {
+                        digest(b)
+                    } else {
+                        BlockHash::UNKNOWN
+                    },
+                )
+            })
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let stats = ScanStats::default();
+        scan_blocks(
+            &volume,
+            g,
+            &reference,
+            &opts,
+            &stats,
+            &AtomicBool::new(false),
+            &tx,
+        )
+        .unwrap();
+        drop(tx);
+        let mut sent = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            sent.push(b.index);
+        }
+        assert_eq!(sent, vec![0, 2, 5, 7, 9]);
+        assert_eq!(stats.scanned_blocks.load(Ordering::Relaxed), 7);
+        // Runs 0-1, 2, 5-6, 7, 9: two blocks a read at most.
+        assert_eq!(volume.1.swap(0, Ordering::Relaxed), 5);
+
+        // Re-read: every listed block, with its digest and bytes as they are now.
+        let again = reread_blocks(&volume, g, &listed, &opts).unwrap();
+        assert_eq!(again.iter().map(|b| b.index).collect::<Vec<_>>(), listed);
+        let mut decoder = lifeboat_protocol::block::BlockDecoder::new();
+        for b in &again {
+            let r = g.block_range(b.index);
+            assert_eq!(b.digest, digest(b.index), "block {}", b.index);
+            assert_eq!(b.raw_len as u64, r.end - r.start);
+            let bytes = decoder
+                .decode(b.encoding, b.raw_len, &b.payload, b.raw_len)
+                .unwrap();
+            assert_eq!(
+                bytes,
+                &data[r.start as usize..r.end as usize],
+                "block {}",
+                b.index
+            );
+        }
+        assert_eq!(again[1].encoding, Encoding::Zero);
+        assert_eq!(again[0].encoding, Encoding::Zstd);
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //!   already-compressed blocks to this task through a bounded channel.
 //! - This task is the driver: it owns the QUIC connection, the control stream and
 //!   the [`AgentSession`] state machine, and it keeps the *in-flight* table: every
-//!   block sent but not yet acknowledged durable, with its encoded frame, so a
-//!   block lost with a connection is sent again after reconnecting without
-//!   rereading the volume.
+//!   block sent but not yet acknowledged durable, with its digest. A block lost
+//!   with a connection is read from the volume again and resent after
+//!   reconnecting, so the table holds no block bytes and the agent's memory does
+//!   not grow with the window (only blocks prepared while a filesystem was
+//!   frozen, which cannot be read again, keep their encoded frames).
 //! - Several writer tasks each own one unidirectional data stream and pull frames
 //!   from a shared queue, so a stream stalled by loss does not stall the others.
 //!
@@ -42,7 +44,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::progress::Progress;
-use crate::scan::{scan_blocks, scan_volume, ChangedBlock, ScanOptions, ScanStats};
+use crate::scan::{
+    reread_blocks, scan_blocks, scan_volume, ChangedBlock, ReadBlocks, ScanOptions, ScanStats,
+};
 use crate::state;
 use crate::transport::{self, Link, LinkError, WireBlock};
 use crate::volume::SourceVolume;
@@ -492,6 +496,45 @@ impl Replicator {
         self.metrics = Some(metrics);
     }
 
+    /// The frames to send again after a reconnect: every block of the pass
+    /// not yet durable, in block order. Blocks are read from the volume again
+    /// (their digests and window shares updated to what is read now), unless
+    /// the pass kept their frames.
+    async fn resend_frames(&self, pass: &mut PassState) -> anyhow::Result<Vec<WireBlock>> {
+        let Some(reader) = pass.reread.clone() else {
+            return Ok(pass
+                .in_flight
+                .values()
+                .filter_map(|f| f.frame.clone())
+                .collect());
+        };
+        let blocks: Vec<u64> = pass.in_flight.keys().copied().collect();
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (geometry, scan) = (self.geometry, self.opts.scan.clone());
+        let count = blocks.len();
+        let read =
+            tokio::task::spawn_blocking(move || reread_blocks(&*reader, geometry, &blocks, &scan))
+                .await
+                .context("the thread re-reading unacknowledged blocks panicked")?
+                .with_context(|| {
+                    format!("re-reading the {count} blocks the lost connection left unacknowledged")
+                })?;
+        let mut frames = Vec::with_capacity(read.len());
+        for b in read {
+            let frame = encode_block(&b, pass.block_epoch);
+            if let Some(f) = pass.in_flight.get_mut(&b.index) {
+                pass.in_flight_bytes = pass.in_flight_bytes - f.wire_len + frame.len();
+                f.wire_len = frame.len();
+                f.digest = b.digest;
+                f.raw_len = b.raw_len;
+            }
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+
     fn drop_link(&mut self) {
         if let Some(mut link) = self.link.take() {
             link.abandon();
@@ -535,6 +578,11 @@ impl Replicator {
             Producer::Frozen { blocks, .. } => blocks.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
         };
+        let reread: Option<Arc<dyn ReadBlocks>> = match &producer {
+            Producer::FullScan | Producer::Blocks(_) => Some(self.volume.clone()),
+            Producer::FrozenFull(view) | Producer::Frozen { view, .. } => Some(view.clone()),
+            Producer::Prepared(_) => None,
+        };
         let producer_failed = Arc::new(AtomicBool::new(false));
         let producer_task = {
             let failed = producer_failed.clone();
@@ -550,7 +598,6 @@ impl Replicator {
                 | Producer::FrozenFull(_)
                 | Producer::Frozen { .. }
                 | Producer::Blocks(_) => {
-                    use crate::scan::ReadBlocks;
                     let (reader, listed): (Arc<dyn ReadBlocks>, Option<Vec<u64>>) = match producer {
                         Producer::FrozenFull(view) => (view, None),
                         Producer::Frozen { view, blocks } => (view, Some(blocks)),
@@ -620,6 +667,7 @@ impl Replicator {
             mode,
             in_flight: BTreeMap::new(),
             in_flight_bytes: 0,
+            reread,
             scan_done: false,
             flush_seq: None,
             pit: self.pit_ask.clone().map(|a| a.label),
@@ -692,11 +740,10 @@ impl Replicator {
                     }
                     pass.flush_seq = None;
                     // Everything not yet durable is sent again, in block order.
-                    let frames: Vec<WireBlock> = pass
-                        .in_flight
-                        .values()
-                        .filter_map(|f| f.frame.clone())
-                        .collect();
+                    let frames = match self.resend_frames(&mut pass).await {
+                        Ok(frames) => frames,
+                        Err(e) => break Err(e),
+                    };
                     let link = self.link.as_mut().expect("just connected");
                     for frame in frames {
                         self.summary.resent_blocks += 1;
@@ -884,7 +931,11 @@ struct InFlight {
     digest: BlockHash,
     /// Uncompressed bytes, counted as replicated once acknowledged.
     raw_len: u32,
-    /// Kept for resending after a reconnect (resync passes only).
+    /// Bytes it takes of the window (its frame's length; 0 in atomic passes,
+    /// which have no window).
+    wire_len: usize,
+    /// Kept for resending after a reconnect, in resync passes whose blocks
+    /// cannot be read again (prepared while a filesystem was frozen).
     frame: Option<WireBlock>,
 }
 
@@ -895,6 +946,9 @@ struct PassState {
     mode: PassMode,
     in_flight: BTreeMap<u64, InFlight>,
     in_flight_bytes: usize,
+    /// Where blocks lost with a connection are read again; `None` keeps
+    /// their frames instead.
+    reread: Option<Arc<dyn ReadBlocks>>,
     scan_done: bool,
     flush_seq: Option<u64>,
     /// Ask for a PIT with the closing flush (label).
@@ -1151,7 +1205,7 @@ async fn drive(
                         for r in ranges {
                             for i in r.start..r.start.saturating_add(r.len as u64) {
                                 if let Some(f) = pass.in_flight.remove(&i) {
-                                    pass.in_flight_bytes -= f.frame.as_ref().map_or(0, WireBlock::len);
+                                    pass.in_flight_bytes -= f.wire_len;
                                     if let Some(slot) = index.digests.get_mut(i as usize) {
                                         *slot = f.digest;
                                     }
@@ -1205,9 +1259,11 @@ async fn drive(
                             m.add_sent_bytes(b.payload.len() as u64);
                         }
                         let frame = encode_block(&b, pass.block_epoch);
-                        let kept = (pass.mode == PassMode::Resync).then(|| frame.clone());
-                        pass.in_flight_bytes += kept.as_ref().map_or(0, WireBlock::len);
-                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, raw_len: b.raw_len, frame: kept });
+                        let resync = pass.mode == PassMode::Resync;
+                        let wire_len = if resync { frame.len() } else { 0 };
+                        let kept = (resync && pass.reread.is_none()).then(|| frame.clone());
+                        pass.in_flight_bytes += wire_len;
+                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, raw_len: b.raw_len, wire_len, frame: kept });
                         link.send_block(frame).await?;
                     }
                 }
