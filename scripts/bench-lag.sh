@@ -50,23 +50,11 @@ RECEIVER_PID=""
 AGENT_PID=""
 SAMPLER_PID=""
 
-step() { printf '\n==> %s\n' "$*"; }
-
 cleanup() {
     set +e
     [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null && wait "$SAMPLER_PID" 2>/dev/null
-    if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
-        kill -TERM "$AGENT_PID"
-        for _ in $(seq 1 100); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$AGENT_PID" 2>/dev/null
-        wait "$AGENT_PID" 2>/dev/null
-    fi
-    if [ -n "$RECEIVER_PID" ] && kill -0 "$RECEIVER_PID" 2>/dev/null; then
-        kill -TERM "$RECEIVER_PID"
-        for _ in $(seq 1 50); do kill -0 "$RECEIVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$RECEIVER_PID" 2>/dev/null
-        wait "$RECEIVER_PID" 2>/dev/null
-    fi
+    if [ -n "$AGENT_PID" ]; then stop_pid "$AGENT_PID"; fi
+    if [ -n "$RECEIVER_PID" ]; then stop_pid "$RECEIVER_PID"; fi
     [ -n "$LOOP" ] && losetup -d "$LOOP"
     if [ "${KEEP:-0}" = 1 ]; then
         echo "kept $WORK (logs, status samples, per-write log)"
@@ -77,13 +65,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    step "using the release binaries already built (SKIP_BUILD=1)"
-else
-    step "building release binaries"
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver -p lifeboat-benches --bins --examples
-fi
+build_release "$ROOT" -p lifeboat-benches --bins --examples
 for bin in "$AGENT" "$RECEIVER" "$LOAD"; do
     [ -x "$bin" ] || { echo "missing $bin: build it first" >&2; exit 1; }
 done

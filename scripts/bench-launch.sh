@@ -11,8 +11,8 @@
 #      of a block device): 64 KiB blocks, each zeros, text-like or pseudo-random
 #      with probability 1/3 each;
 #   3. puts it into a PIT through the real path: receiver init/enroll/serve on
-#      127.0.0.1 with pit_interval = "0s" (a PIT at every durable epoch), one
-#      `lifeboat-agent sync`; the receiver is stopped before any timing;
+#      127.0.0.1, one `lifeboat-agent sync --pit` (it waits until the receiver
+#      has taken the PIT); the receiver is stopped before any timing;
 #   4. launches the PIT once and checks the output equals the image (cmp);
 #   5. times, ROUNDS times, alternating which goes first:
 #        launch:  lifeboat-receiver launch --at latest --out launched.img
@@ -67,15 +67,8 @@ LAUNCHED="$WORK/launched.img"
 COPY="$WORK/copy.img"
 RECEIVER_PID=""
 
-step() { printf '\n==> %s\n' "$*"; }
-
 stop_receiver() {
-    if [ -n "$RECEIVER_PID" ] && kill -0 "$RECEIVER_PID" 2>/dev/null; then
-        kill -TERM "$RECEIVER_PID"
-        for _ in $(seq 1 50); do kill -0 "$RECEIVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$RECEIVER_PID" 2>/dev/null || true
-        wait "$RECEIVER_PID" 2>/dev/null || true
-    fi
+    if [ -n "$RECEIVER_PID" ]; then stop_pid "$RECEIVER_PID"; fi
     RECEIVER_PID=""
 }
 
@@ -91,13 +84,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    step "using the release binaries already built (SKIP_BUILD=1)"
-else
-    step "building release binaries"
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver
-fi
+build_release "$ROOT"
 for bin in "$AGENT" "$RECEIVER"; do
     [ -x "$bin" ] || { echo "missing $bin: build it first" >&2; exit 1; }
 done
@@ -106,17 +93,16 @@ step "writing a ${SIZE_MIB} MiB source image in $WORK (64 KiB blocks: 1/3 zeros,
 python3 "$ROOT/scripts/peers/mkimage.py" "$IMG" "$SIZE_MIB" "$SEED" mixed
 
 PORT=$(free_port SOCK_DGRAM)
-step "receiver on 127.0.0.1:$PORT, a PIT at every durable epoch"
+step "receiver on 127.0.0.1:$PORT"
 "$RECEIVER" init --dir "$D" --listen "127.0.0.1:$PORT" >/dev/null
-printf 'pit_interval = "0s"\n' >>"$D/receiver.toml"
 "$RECEIVER" enroll --dir "$D" --server web-1 --out "$WORK/web-1.bundle" >/dev/null
 "$RECEIVER" serve --dir "$D" >"$WORK/receiver.out" 2>"$WORK/receiver.log" &
 RECEIVER_PID=$!
 wait_listening "$WORK/receiver.out" "$WORK/receiver.log" || exit 1
 
-step "agent: sync (the receiver takes the PIT before it acknowledges the flush)"
+step "agent: sync --pit (returns once the receiver has taken the PIT)"
 t0=$EPOCHREALTIME
-"$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$IMG" --name data --state-dir "$WORK/agent-state" \
+"$AGENT" sync --bundle "$WORK/web-1.bundle" --volume "$IMG" --name data --state-dir "$WORK/agent-state" --pit \
     2>"$WORK/agent.log" || { echo "sync failed:"; tail -20 "$WORK/agent.log"; exit 1; }
 python3 -c "print(f'sync took {$EPOCHREALTIME - $t0:.1f} s')"
 stop_receiver

@@ -65,8 +65,6 @@ DIRECT="$WORK/direct.img"
 PLAIN="$WORK/plain.img"
 PIDS=()
 
-step() { printf '\n==> %s\n' "$*"; }
-
 stop_all() {
     local pid
     for pid in "${PIDS[@]}"; do
@@ -88,13 +86,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    step "using the release binaries already built (SKIP_BUILD=1)"
-else
-    step "building release binaries"
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver
-fi
+build_release "$ROOT"
 
 step "receiver and agent on 127.0.0.1; three sparse ${SIZE_MIB} MiB images"
 RX_PORT=$(free_port SOCK_DGRAM)

@@ -85,7 +85,6 @@ PEERS="$ROOT/scripts/peers"
 FLOORS=${FLOORS:-$ROOT/scripts/bench-peers.floors}
 export NO_COLOR=1
 
-step() { printf '\n==> %s\n' "$*"; }
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 for c in $(echo "$ONLY" | tr ',' ' '); do
@@ -185,14 +184,6 @@ RESULTS="$WORK/results"
 : >"$RESULTS"
 PIDS=()
 MAIN_PID=""
-
-stop_pid() {
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
     set +e

@@ -64,15 +64,8 @@ IMG="$WORK/source.img"
 LAUNCHED="$WORK/launched.img"
 RECEIVER_PID=""
 
-step() { printf '\n==> %s\n' "$*"; }
-
 stop_receiver() {
-    if [ -n "$RECEIVER_PID" ] && kill -0 "$RECEIVER_PID" 2>/dev/null; then
-        kill -TERM "$RECEIVER_PID"
-        for _ in $(seq 1 50); do kill -0 "$RECEIVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$RECEIVER_PID" 2>/dev/null || true
-        wait "$RECEIVER_PID" 2>/dev/null || true
-    fi
+    if [ -n "$RECEIVER_PID" ]; then stop_pid "$RECEIVER_PID"; fi
     RECEIVER_PID=""
 }
 
@@ -88,13 +81,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    step "using the release binaries already built (SKIP_BUILD=1)"
-else
-    step "building release binaries"
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver
-fi
+build_release "$ROOT"
 for bin in "$AGENT" "$RECEIVER"; do
     [ -x "$bin" ] || { echo "missing $bin: build it first" >&2; exit 1; }
 done

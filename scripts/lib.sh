@@ -18,3 +18,30 @@ wait_listening() {
     cat "$log" >&2
     return 1
 }
+
+# step TEXT: a heading in a script's output.
+step() { printf '\n==> %s\n' "$*"; }
+
+# stop_pid PID: SIGTERM, up to 10 s to exit, then SIGKILL; reaps it. Quiet
+# if it is gone already.
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# build_release ROOT [PACKAGE-ARGS...]: cargo build --release of the agent and
+# the receiver (and whatever else is named), unless SKIP_BUILD=1.
+build_release() {
+    local root=$1
+    shift
+    if [ "${SKIP_BUILD:-0}" = 1 ]; then
+        step "using the release binaries already built (SKIP_BUILD=1)"
+    else
+        step "building release binaries"
+        cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
+            -p lifeboat-agent -p lifeboat-receiver "$@"
+    fi
+}

@@ -14,7 +14,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-$(mktemp -d -t lifeboat-quickstart.XXXXXX)}
 mkdir -p "$WORK"
 
-step() { printf '\n==> %s\n' "$*"; }
 
 step "building release binaries"
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" -p lifeboat-agent -p lifeboat-receiver
