@@ -53,12 +53,7 @@ fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/lib.sh"
 export NO_COLOR=1
-if [ -n "${WORK:-}" ]; then
-    mkdir "$WORK"
-else
-    WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" lifeboat-bench-launch.XXXXXX)
-fi
-WORK=$(cd "$WORK" && pwd)
+WORK=$(work_dir lifeboat-bench-launch)
 AGENT="$ROOT/target/release/lifeboat-agent"
 RECEIVER="$ROOT/target/release/lifeboat-receiver"
 D="$WORK/receiver"

@@ -160,13 +160,7 @@ fi
 for t in rsync zstd iperf3 b3sum bdsync; do
     command -v "$t" >/dev/null && printf '  %-7s %s\n' "$t" "$(command -v "$t")"
 done
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    echo "  lifeboat: using the release binaries already built (SKIP_BUILD=1)"
-else
-    step "building release binaries"
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
-        -p lifeboat-agent -p lifeboat-receiver
-fi
+build_release "$ROOT"
 AGENT="$ROOT/target/release/lifeboat-agent"
 RECEIVER="$ROOT/target/release/lifeboat-receiver"
 for bin in "$AGENT" "$RECEIVER"; do

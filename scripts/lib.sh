@@ -45,3 +45,14 @@ build_release() {
             -p lifeboat-agent -p lifeboat-receiver "$@"
     fi
 }
+
+# work_dir NAME: prints the absolute path of the run's work directory: $WORK
+# if set (created here; it must not exist yet), else a new one named
+# NAME.XXXXXX under $TMPDIR or /var/tmp.
+work_dir() {
+    if [ -n "${WORK:-}" ]; then
+        mkdir "$WORK" && (cd "$WORK" && pwd)
+    else
+        mktemp -d -p "${TMPDIR:-/var/tmp}" "$1.XXXXXX"
+    fi
+}
