@@ -141,11 +141,13 @@ pub struct SyncSummary {
     pub pit: Option<PitReport>,
 }
 
-/// Block bytes sent and not yet acknowledged, at most (resync passes): they
-/// are kept for resending after a reconnect, so this bounds the agent's
-/// memory as much as it allows throughput. 24 MiB covers the receiver's
-/// batch-and-fsync round trip at loopback speeds (no slower than 64 MiB in
-/// the initial-sync runs of BENCHMARKS.md) and 1 Gbit/s over a 200 ms path.
+/// Encoded block bytes sent and not yet acknowledged durable, at most
+/// (resync passes). The agent keeps only their digests (a reconnect reads
+/// them from the volume again), so this bounds what the receiver holds
+/// unsynced and what QUIC may buffer, not the table's memory. 24 MiB covers
+/// the receiver's batch-and-fsync round trip at loopback speeds (8 and 16
+/// MiB were slower, 48 MiB no faster in BENCHMARKS.md) and 1 Gbit/s over a
+/// 200 ms path.
 pub const WINDOW_BYTES: usize = 24 << 20;
 
 /// How long a closing replicator lets quinn send its CONNECTION_CLOSE.
@@ -159,8 +161,8 @@ const INDEX_SAVE_EVERY: Duration = Duration::from_secs(5);
 pub enum PassMode {
     /// Resync traffic (initial sync, rescan): blocks carry epoch 0 and are
     /// applied in place as they arrive; the replica is consistent again when
-    /// the pass's closing flush completes. Unacknowledged blocks are kept and
-    /// resent after a reconnect.
+    /// the pass's closing flush completes. Unacknowledged blocks are read
+    /// again and resent after a reconnect.
     Resync,
     /// A continuous epoch: blocks carry the epoch number and the receiver
     /// applies them all or none. An interrupted epoch is abandoned by the
