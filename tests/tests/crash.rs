@@ -111,3 +111,56 @@ fn receiver_kill9_mid_sync_agent_reconnects() {
     assert_eq!(field_u64(&again, "sent_bytes"), 0, "{again}");
     assert!(!rx.log().contains("panicked"), "{}", rx.log());
 }
+
+/// The source changes while the receiver is down, mid-sync. After the
+/// reconnect the agent resends the blocks the dead receiver had not made
+/// durable, read from the volume again: each resent frame must carry the
+/// digest of its bytes (the receiver refuses it otherwise, and the sync
+/// fails), and the agent's index must record what the replica now holds.
+/// Whatever mix of old and new content the first pass leaves, the next sync
+/// must find every block that differs from the source: a block recorded with
+/// the wrong digest would be skipped and the replica would stay wrong.
+#[test]
+fn blocks_changed_while_the_receiver_is_down_are_resent_as_they_are_then() {
+    let mut rx = Receiver::start();
+    let image = write_random_image(&rx.image_path("moving"), 1024, BLOCK, 0xc0_0003);
+    let staging = rx.staging("data");
+    let state = rx.agent_state("m");
+
+    let agent = Sync::new(&rx.bundle, &image.path, "data", &state)
+        .arg("--max-rate")
+        .arg("16MiB/s")
+        .arg("--connect-attempts")
+        .arg("10")
+        .spawn();
+    let _ = poll(Duration::from_secs(2), || allocated(&staging) >= 8 << 20);
+    rx.kill9();
+    // Every block gets new bytes, in place (the agent holds the file open).
+    let newer = write_random_image(&rx.image_path("newer"), 1024, BLOCK, 0xc0_0004);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.path)
+            .unwrap();
+        f.write_all(&std::fs::read(&newer.path).unwrap()).unwrap();
+        f.sync_all().unwrap();
+    }
+    rx.serve();
+
+    let out = agent.wait(Duration::from_secs(120));
+    let first = out.json();
+    eprintln!("first pass: {first}");
+    assert!(
+        field_u64(&first, "connections") >= 2 && field_u64(&first, "resent_blocks") > 0,
+        "the receiver's death left nothing to resend: {first}\n{}",
+        out.stderr
+    );
+
+    let second = run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
+    eprintln!("second pass: {second}");
+    assert_identical(&newer.path, &staging);
+    let third = run_sync(&rx.bundle, &image.path, "data", &state, &[]).json();
+    assert_eq!(field_u64(&third, "changed_blocks"), 0, "{third}");
+    assert!(!rx.log().contains("panicked"), "{}", rx.log());
+}
