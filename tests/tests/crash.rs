@@ -73,6 +73,28 @@ fn agent_kill9_mid_sync_resumes_without_resending_acked() {
     assert!(!rx.log().contains("panicked"), "{}", rx.log());
 }
 
+/// Starts a throttled sync that may reconnect, and kills the receiver with
+/// SIGKILL once it has made something durable (or after 2 s); returns the
+/// running agent and the staging bytes allocated at the kill. The receiver
+/// is left stopped.
+fn sync_then_kill_receiver(
+    rx: &mut Receiver,
+    image: &std::path::Path,
+    state: &std::path::Path,
+) -> (lifeboat_tests::Running, u64) {
+    let staging = rx.staging("data");
+    let agent = Sync::new(&rx.bundle, image, "data", state)
+        .arg("--max-rate")
+        .arg("16MiB/s")
+        .arg("--connect-attempts")
+        .arg("10")
+        .spawn();
+    let _ = poll(Duration::from_secs(2), || allocated(&staging) >= 8 << 20);
+    let durable_at_kill = allocated(&staging);
+    rx.kill9();
+    (agent, durable_at_kill)
+}
+
 #[test]
 fn receiver_kill9_mid_sync_agent_reconnects() {
     let mut rx = Receiver::start();
@@ -80,16 +102,7 @@ fn receiver_kill9_mid_sync_agent_reconnects() {
     let staging = rx.staging("data");
     let state = rx.agent_state("r");
 
-    let agent = Sync::new(&rx.bundle, &image.path, "data", &state)
-        .arg("--max-rate")
-        .arg("16MiB/s")
-        .arg("--connect-attempts")
-        .arg("10")
-        .spawn();
-    // Kill the receiver once it has made something durable (or after 2 s).
-    let _ = poll(Duration::from_secs(2), || allocated(&staging) >= 8 << 20);
-    let durable_at_kill = allocated(&staging);
-    rx.kill9();
+    let (agent, durable_at_kill) = sync_then_kill_receiver(&mut rx, &image.path, &state);
     rx.serve();
 
     let out = agent.wait(Duration::from_secs(120));
@@ -127,14 +140,7 @@ fn blocks_changed_while_the_receiver_is_down_are_resent_as_they_are_then() {
     let staging = rx.staging("data");
     let state = rx.agent_state("m");
 
-    let agent = Sync::new(&rx.bundle, &image.path, "data", &state)
-        .arg("--max-rate")
-        .arg("16MiB/s")
-        .arg("--connect-attempts")
-        .arg("10")
-        .spawn();
-    let _ = poll(Duration::from_secs(2), || allocated(&staging) >= 8 << 20);
-    rx.kill9();
+    let (agent, _) = sync_then_kill_receiver(&mut rx, &image.path, &state);
     // Every block gets new bytes, in place (the agent holds the file open).
     let newer = write_random_image(&rx.image_path("newer"), 1024, BLOCK, 0xc0_0004);
     {
