@@ -9,8 +9,9 @@
 //!   block sent but not yet acknowledged durable, with its digest. A block lost
 //!   with a connection is read from the volume again and resent after
 //!   reconnecting, so the table holds no block bytes and the agent's memory does
-//!   not grow with the window (only blocks prepared while a filesystem was
-//!   frozen, which cannot be read again, keep their encoded frames).
+//!   not grow with the window. (Blocks prepared while a filesystem was frozen
+//!   cannot be read again; a resync pass of them would keep their frames, but
+//!   they only go out in atomic epochs, which resend nothing.)
 //! - Several writer tasks each own one unidirectional data stream and pull frames
 //!   from a shared queue, so a stream stalled by loss does not stall the others.
 //!
