@@ -384,7 +384,7 @@ pub fn scan_blocks(
     stop: &AtomicBool,
     out: &tokio::sync::mpsc::Sender<ChangedBlock>,
 ) -> Result<(), VolumeError> {
-    read_listed(volume, geometry, blocks, true, opts, stats, stop, |block| {
+    read_listed(volume, geometry, blocks, opts, stats, stop, |block| {
         out.blocking_send(block).is_ok()
     })
 }
@@ -399,17 +399,16 @@ pub fn reread_blocks(
     blocks: &[u64],
     opts: &ScanOptions,
 ) -> Result<Vec<ChangedBlock>, VolumeError> {
+    // No digest matches the "unknown" sentinel, so every block is kept.
     let listed: Vec<(u64, BlockHash)> = blocks.iter().map(|&b| (b, BlockHash::UNKNOWN)).collect();
     let mut read = Vec::with_capacity(blocks.len());
-    let stats = ScanStats::default();
     let stop = AtomicBool::new(false);
     read_listed(
         volume,
         geometry,
         &listed,
-        false,
         opts,
-        &stats,
+        &ScanStats::default(),
         &stop,
         |block| {
             read.push(block);
@@ -421,14 +420,11 @@ pub fn reread_blocks(
 
 /// The loop of [`scan_blocks`] and [`reread_blocks`]: reads runs of
 /// consecutive listed blocks with one call each and hands every block whose
-/// digest differs from its reference (every block, unless `compare`) to
-/// `emit`, which returns false to stop.
-#[allow(clippy::too_many_arguments)]
+/// digest differs from its reference to `emit`, which returns false to stop.
 fn read_listed(
     volume: &dyn ReadBlocks,
     geometry: VolumeGeometry,
     blocks: &[(u64, BlockHash)],
-    compare: bool,
     opts: &ScanOptions,
     stats: &ScanStats,
     stop: &AtomicBool,
@@ -459,12 +455,8 @@ fn read_listed(
             (start, end),
             &mut buf,
         )?;
-        // diff_chunk indexes the reference from the run's first block; an
-        // empty reference matches no block.
-        let reference: Vec<BlockHash> = match compare {
-            true => blocks[i..j].iter().map(|(_, d)| *d).collect(),
-            false => Vec::new(),
-        };
+        // diff_chunk indexes the reference from the run's first block.
+        let reference: Vec<BlockHash> = blocks[i..j].iter().map(|(_, d)| *d).collect();
         let mut stopped = false;
         let counts = diff_chunk(
             &geometry,

@@ -10,8 +10,8 @@
 //!   with a connection is read from the volume again and resent after
 //!   reconnecting, so the table holds no block bytes and the agent's memory does
 //!   not grow with the window. (Blocks prepared while a filesystem was frozen
-//!   cannot be read again; a resync pass of them would keep their frames, but
-//!   they only go out in atomic epochs, which resend nothing.)
+//!   cannot be read again: they only go out in atomic epochs, which resend
+//!   nothing.)
 //! - Several writer tasks each own one unidirectional data stream and pull frames
 //!   from a shared queue, so a stream stalled by loss does not stall the others.
 //!
@@ -500,16 +500,11 @@ impl Replicator {
     }
 
     /// The frames to send again after a reconnect: every block of the pass
-    /// not yet durable, in block order. Blocks are read from the volume again
-    /// (their digests and window shares updated to what is read now), unless
-    /// the pass kept their frames.
+    /// not yet durable, in block order, read from the volume again (their
+    /// digests and window shares updated to what is read now).
     async fn resend_frames(&self, pass: &mut PassState) -> anyhow::Result<Vec<WireBlock>> {
         let Some(reader) = pass.reread.clone() else {
-            return Ok(pass
-                .in_flight
-                .values()
-                .filter_map(|f| f.frame.clone())
-                .collect());
+            bail!("blocks prepared under a freeze cannot be read again to resend");
         };
         let blocks: Vec<u64> = pass.in_flight.keys().copied().collect();
         if blocks.is_empty() {
@@ -581,11 +576,12 @@ impl Replicator {
             Producer::Frozen { blocks, .. } => blocks.len() as u64,
             Producer::Prepared(b) => b.len() as u64,
         };
-        let reread: Option<Arc<dyn ReadBlocks>> = match &producer {
-            Producer::FullScan | Producer::Blocks(_) => Some(self.volume.clone()),
-            Producer::FrozenFull(view) | Producer::Frozen { view, .. } => Some(view.clone()),
-            Producer::Prepared(_) => None,
-        };
+        if mode == PassMode::Resync && matches!(producer, Producer::Prepared(_)) {
+            bail!("a resync pass must read its blocks (prepared blocks go in atomic epochs)");
+        }
+        // Where the pass reads its blocks, to read them again after a lost
+        // connection; none for prepared blocks.
+        let mut reread: Option<Arc<dyn ReadBlocks>> = None;
         let producer_failed = Arc::new(AtomicBool::new(false));
         let producer_task = {
             let failed = producer_failed.clone();
@@ -607,6 +603,7 @@ impl Replicator {
                         Producer::Blocks(blocks) => (volume, Some(blocks)),
                         Producer::FullScan | Producer::Prepared(_) => (volume, None),
                     };
+                    reread = Some(reader.clone());
                     enum Reference {
                         /// Every block's digest, for a full pass.
                         All(Vec<BlockHash>),
@@ -937,9 +934,6 @@ struct InFlight {
     /// Bytes it takes of the window (its frame's length; 0 in atomic passes,
     /// which have no window).
     wire_len: usize,
-    /// Kept for resending after a reconnect, in resync passes whose blocks
-    /// cannot be read again (prepared while a filesystem was frozen).
-    frame: Option<WireBlock>,
 }
 
 /// State of the pass that survives reconnects.
@@ -949,8 +943,8 @@ struct PassState {
     mode: PassMode,
     in_flight: BTreeMap<u64, InFlight>,
     in_flight_bytes: usize,
-    /// Where blocks lost with a connection are read again; `None` keeps
-    /// their frames instead.
+    /// Where blocks lost with a connection are read again (`None` only for
+    /// prepared blocks, which go in atomic passes and are never resent).
     reread: Option<Arc<dyn ReadBlocks>>,
     scan_done: bool,
     flush_seq: Option<u64>,
@@ -1262,11 +1256,9 @@ async fn drive(
                             m.add_sent_bytes(b.payload.len() as u64);
                         }
                         let frame = encode_block(&b, pass.block_epoch);
-                        let resync = pass.mode == PassMode::Resync;
-                        let wire_len = if resync { frame.len() } else { 0 };
-                        let kept = (resync && pass.reread.is_none()).then(|| frame.clone());
+                        let wire_len = if pass.mode == PassMode::Resync { frame.len() } else { 0 };
                         pass.in_flight_bytes += wire_len;
-                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, raw_len: b.raw_len, wire_len, frame: kept });
+                        pass.in_flight.insert(b.index, InFlight { digest: b.digest, raw_len: b.raw_len, wire_len });
                         link.send_block(frame).await?;
                     }
                 }
